@@ -1,3 +1,33 @@
+//! push-manager: a durable, queue-backed broadcast dispatcher.
+//!
+//! # The path of one message
+//!
+//! 1. **Accept** ([`api::broadcast`]): a business service calls `Broadcast`; the request is
+//!    validated (INVALID_ARGUMENT before any other check).
+//! 2. **Persist** ([`store::commit`]): the committer checks the msg_id against the dedupe
+//!    entries, assigns a sequence number and writes one payload record plus one range
+//!    record per known node for the whole commit round, in one atomic batch.
+//! 3. **Commit**: the round is fsynced ([`store::Store::sync`]); only then is the caller
+//!    answered OK, and the delivery workers are woken.
+//! 4. **Deliver** ([`dispatch`]): one worker per node reads its queue in order and calls
+//!    `Broadcast` on the node, with a window of sends in flight and exponential backoff.
+//! 5. **Delete**: an entry is finished when the node answers OK (or is dead-lettered after
+//!    `max_attempts` permanent refusals); a payload is reclaimed once no queue needs it.
+//!
+//! Membership comes from static configuration ([`config`]); known nodes are persisted so a
+//! restart resumes every queue at once. [`shutdown`] describes the drain order.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod dispatch;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+
+/// Generated code for `proto/broadcast.proto` (package `broadcast`).
+#[allow(clippy::unwrap_used)]
 pub mod proto {
     tonic::include_proto!("broadcast");
 }

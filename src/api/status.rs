@@ -1,0 +1,55 @@
+//! The one place internal errors become gRPC statuses (CONTRACT.md section 2).
+
+use tonic::Status;
+
+use crate::store::CommitError;
+
+/// A request rejected before anything was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// Malformed request; the message names the field and the limit.
+    #[error("{0}")]
+    Invalid(String),
+    /// No connect-node is known yet.
+    #[error("no connect-nodes known")]
+    NoNodes,
+    /// The manager is draining or stopping.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// The store could not make the message durable; it was not acked.
+    #[error("store unavailable: {0}")]
+    Store(String),
+}
+
+impl Rejected {
+    /// A short code for logs and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejected::Invalid(_) => "invalid",
+            Rejected::NoNodes => "no_nodes",
+            Rejected::ShuttingDown => "shutting_down",
+            Rejected::Store(_) => "store",
+        }
+    }
+}
+
+impl From<CommitError> for Rejected {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::NoNodes => Rejected::NoNodes,
+            CommitError::ShuttingDown => Rejected::ShuttingDown,
+            CommitError::Store(m) => Rejected::Store(m),
+        }
+    }
+}
+
+impl From<Rejected> for Status {
+    fn from(r: Rejected) -> Status {
+        match r {
+            Rejected::Invalid(m) => Status::invalid_argument(m),
+            other @ (Rejected::NoNodes | Rejected::ShuttingDown | Rejected::Store(_)) => {
+                Status::unavailable(other.to_string())
+            }
+        }
+    }
+}

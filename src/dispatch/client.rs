@@ -1,0 +1,72 @@
+//! The manager's gRPC client toward one connect-node.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::push_server_client::PushServerClient;
+use crate::proto::BroadCastReq;
+
+/// Errors setting up delivery to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The node's address is not a usable `host:port`.
+    #[error("node address {addr:?} is not a valid host:port: {reason}")]
+    BadAddress {
+        /// The address as registered.
+        addr: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl DeliveryError {
+    /// Whether the same address may work later: never, it needs a new registration.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+
+    /// A short code for logs and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeliveryError::BadAddress { .. } => "bad_address",
+        }
+    }
+}
+
+/// A lazily connected client for one node; cheap to clone (one shared HTTP/2 connection).
+#[derive(Clone)]
+pub struct NodeClient {
+    inner: PushServerClient<Channel>,
+    timeout: Duration,
+}
+
+impl NodeClient {
+    /// A client for `addr` (`host:port`); connects on first use, reconnects after failures.
+    pub fn connect(addr: &str, timeout: Duration) -> Result<NodeClient, DeliveryError> {
+        let bad = |reason: String| DeliveryError::BadAddress {
+            addr: addr.to_string(),
+            reason,
+        };
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true);
+        Ok(NodeClient {
+            inner: PushServerClient::new(endpoint.connect_lazy()),
+            timeout,
+        })
+    }
+
+    /// One `Broadcast` call with the per-call deadline; the node's answer as a status.
+    pub async fn broadcast(self, req: BroadCastReq) -> Result<(), tonic::Status> {
+        let mut inner = self.inner;
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(self.timeout);
+        // The outer timeout also bounds connection setup, which the deadline header does not.
+        match tokio::time::timeout(self.timeout, inner.broadcast(request)).await {
+            Ok(r) => r.map(drop),
+            Err(_) => Err(tonic::Status::deadline_exceeded("delivery deadline passed")),
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! One delivery worker per known node.
+//!
+//! The worker reads its node's ranges in sequence order (a bounded number at a time, so a
+//! million-message backlog does not live in memory), keeps up to `max_in_flight` sends
+//! outstanding, and records each finished entry in its range. It sleeps until a commit
+//! round lands (the `committed` watch), a send completes, a timer is due, or its target
+//! (address, online state) changes: there is no polling loop.
+//!
+//! Invariants:
+//! - An entry is finished (bit set in its range) only after the node answered OK or
+//!   ALREADY_EXISTS, its TTL ran out, or its dead letter was written in the same batch.
+//! - Progress reaches the store at least every [`WRITE_BACK_EVERY`] and on shutdown; a
+//!   crash in between only re-delivers (at-least-once), it never loses.
+//! - While the node is backing off, at most one send (the probe) is in flight; any answer
+//!   from the node (OK or a permanent refusal) ends the backoff.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::client::NodeClient;
+use super::policy::{self, Outcome, Ttl};
+use super::{DeliveryConfig, NodeTarget};
+use crate::store::{now_ms, DeadLetterRecord, MessageRecord, RangeRecord, Store, StoreError};
+
+/// How often partial progress on a range is written back.
+const WRITE_BACK_EVERY: Duration = Duration::from_millis(100);
+/// Entries kept loaded in memory per node.
+const LOAD_TARGET: usize = 4096;
+/// Ranges read from the store per query.
+const LOAD_BATCH: usize = 64;
+/// Pause after a store read error before trying again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// The state of one unfinished, loaded entry that is not in flight.
+struct Entry {
+    /// Offers so far (the next send carries `attempts + 1`).
+    attempts: u32,
+    /// Not offered again before this (after a permanent refusal).
+    not_before: Option<Instant>,
+    /// Per-entry backoff for permanent refusals, created on the first one.
+    backoff: Option<ExponentialBackoff>,
+}
+
+/// A finished send.
+struct Sent {
+    seq: u64,
+    epoch: u64,
+    entry: Entry,
+    result: Result<(), tonic::Status>,
+}
+
+/// Delivers one node's queue; see the module docs.
+pub(super) struct NodeWorker {
+    pub(super) node: String,
+    pub(super) store: Store,
+    pub(super) cfg: Arc<DeliveryConfig>,
+    pub(super) committed: watch::Receiver<u64>,
+    pub(super) target: watch::Receiver<NodeTarget>,
+    pub(super) shutdown: CancellationToken,
+}
+
+struct State {
+    client: Option<NodeClient>,
+    target: NodeTarget,
+    /// Loaded, unfinished ranges by start sequence.
+    ranges: BTreeMap<u64, RangeRecord>,
+    /// Ranges changed in memory since last written.
+    dirty: BTreeSet<u64>,
+    /// Start of the last range loaded.
+    loaded_until: Option<u64>,
+    /// The store may hold ranges beyond `loaded_until`.
+    maybe_more: bool,
+    /// Entries ready to send, in sequence order.
+    entries: BTreeMap<u64, Entry>,
+    /// Entries waiting for their `not_before` after a permanent refusal (few).
+    waiting: BTreeMap<u64, Entry>,
+    /// Node-level backoff, and the instant the next probe may go.
+    backoff: ExponentialBackoff,
+    blocked_until: Option<Instant>,
+    /// Bumped whenever the backoff escalates: a failure of a send started in an older epoch
+    /// does not escalate it again.
+    epoch: u64,
+    last_write_back: Instant,
+}
+
+impl NodeWorker {
+    /// Runs until shutdown; then waits for in-flight sends and writes progress back.
+    pub(super) async fn run(mut self) {
+        let cfg = self.cfg.clone();
+        let mut st = State {
+            client: None,
+            target: self.target.borrow_and_update().clone(),
+            ranges: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            loaded_until: None,
+            maybe_more: true,
+            entries: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            backoff: policy::backoff(cfg.backoff_initial, cfg.backoff_max),
+            blocked_until: None,
+            epoch: 0,
+            last_write_back: Instant::now(),
+        };
+        self.connect(&mut st);
+        let mut in_flight = FuturesUnordered::new();
+        let mut committer_alive = true;
+        loop {
+            if st.maybe_more {
+                if let Err(e) = self.refill(&mut st, in_flight.len()) {
+                    tracing::error!(node = %self.node, error = %e, "reading the queue failed");
+                    st.blocked_until = Some(Instant::now() + STORE_RETRY);
+                }
+            }
+            self.launch(&mut st, &mut in_flight);
+            let wake = self.next_wake(&st);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                Some(sent) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.on_sent(&mut st, sent);
+                }
+                r = self.committed.changed(), if committer_alive => {
+                    committer_alive = r.is_ok();
+                    st.maybe_more = true;
+                }
+                r = self.target.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    self.retarget(&mut st);
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            self.write_back(&mut st, false);
+        }
+        while let Some(sent) = in_flight.next().await {
+            self.on_sent(&mut st, sent);
+        }
+        self.write_back(&mut st, true);
+    }
+
+    fn connect(&self, st: &mut State) {
+        st.client = None;
+        if st.target.addr.is_empty() {
+            return;
+        }
+        match NodeClient::connect(&st.target.addr, self.cfg.delivery_timeout) {
+            Ok(c) => st.client = Some(c),
+            Err(e) => tracing::error!(node = %self.node, error = %e, "cannot deliver to node"),
+        }
+    }
+
+    /// A new address, online state or registration: reconnect if needed, and end any
+    /// backoff so the node is tried at once.
+    fn retarget(&mut self, st: &mut State) {
+        let target = self.target.borrow_and_update().clone();
+        let readdress = target.addr != st.target.addr;
+        let reregistered = target.generation != st.target.generation;
+        st.target = target;
+        if readdress {
+            tracing::info!(node = %self.node, addr = %st.target.addr, "node address changed");
+            self.connect(st);
+        }
+        if readdress || reregistered {
+            st.backoff.reset();
+            st.blocked_until = None;
+        }
+    }
+
+    /// Loads ranges until [`LOAD_TARGET`] entries are in memory or the queue is exhausted.
+    fn refill(&self, st: &mut State, in_flight: usize) -> Result<(), StoreError> {
+        while st.entries.len() + st.waiting.len() + in_flight < LOAD_TARGET {
+            let batch = self.store.ranges(&self.node, st.loaded_until, LOAD_BATCH)?;
+            let exhausted = batch.len() < LOAD_BATCH;
+            for (start, rec) in batch {
+                for off in rec.pending() {
+                    let attempts = rec
+                        .attempts
+                        .iter()
+                        .find(|(o, _)| *o == off)
+                        .map_or(0, |(_, a)| *a);
+                    st.entries.insert(
+                        start + u64::from(off),
+                        Entry {
+                            attempts,
+                            not_before: None,
+                            backoff: None,
+                        },
+                    );
+                }
+                st.loaded_until = Some(start);
+                st.ranges.insert(start, rec);
+            }
+            if exhausted {
+                st.maybe_more = false;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts sends while the window allows.
+    fn launch(
+        &self,
+        st: &mut State,
+        in_flight: &mut FuturesUnordered<futures::future::BoxFuture<'static, Sent>>,
+    ) {
+        if !st.target.active {
+            return;
+        }
+        let Some(client) = st.client.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        let window = match st.blocked_until {
+            Some(until) if now < until => return,
+            Some(_) => 1,
+            None => self.cfg.max_in_flight,
+        };
+        let due: Vec<u64> = st
+            .waiting
+            .iter()
+            .filter(|(_, e)| e.not_before.is_none_or(|t| t <= now))
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in due {
+            if let Some(e) = st.waiting.remove(&seq) {
+                st.entries.insert(seq, e);
+            }
+        }
+        while in_flight.len() < window {
+            let Some((seq, mut entry)) = st.entries.pop_first() else {
+                break;
+            };
+            let msg = match self.store.message(seq) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    let reason = format!("message record m/{seq} is missing");
+                    tracing::error!(node = %self.node, seq, "{reason}; moving to dead letters");
+                    self.dead_letter(st, seq, entry, None, reason);
+                    continue;
+                }
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(node = %self.node, seq, error = %e, "moving to dead letters");
+                    self.dead_letter(st, seq, entry, None, e.to_string());
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(node = %self.node, seq, error = %e, "reading a message failed");
+                    st.entries.insert(seq, entry);
+                    st.blocked_until = Some(now + STORE_RETRY);
+                    break;
+                }
+            };
+            let ttl_ms = match policy::ttl_at(&msg, now_ms()) {
+                Ttl::Expired => {
+                    tracing::debug!(node = %self.node, seq, msg_id = %msg.msg_id, "expired undelivered");
+                    self.finish(st, seq);
+                    continue;
+                }
+                Ttl::Remaining(ms) => ms,
+                Ttl::Forever => 0,
+            };
+            entry.attempts += 1;
+            let req = self.request(msg, seq, entry.attempts, ttl_ms);
+            let epoch = st.epoch;
+            let client = client.clone();
+            in_flight.push(Box::pin(async move {
+                let result = client.broadcast(req).await;
+                Sent {
+                    seq,
+                    epoch,
+                    entry,
+                    result,
+                }
+            }));
+        }
+    }
+
+    fn request(
+        &self,
+        msg: MessageRecord,
+        seq: u64,
+        attempt: u32,
+        ttl_ms: u64,
+    ) -> crate::proto::BroadCastReq {
+        crate::proto::BroadCastReq {
+            msg_id: msg.msg_id,
+            payload: msg.payload,
+            topic: msg.topic,
+            ttl_ms,
+            headers: msg.headers.into_iter().collect(),
+            manager_id: self.cfg.manager_id.clone(),
+            seq,
+            attempt,
+        }
+    }
+
+    fn on_sent(&self, st: &mut State, sent: Sent) {
+        let Sent {
+            seq,
+            epoch,
+            mut entry,
+            result,
+        } = sent;
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let outcome = policy::classify(code);
+        let now = Instant::now();
+        if matches!(outcome, Outcome::Delivered | Outcome::Permanent)
+            && st.blocked_until.take().is_some()
+        {
+            st.backoff.reset();
+            tracing::info!(node = %self.node, "node answers again; backoff ended");
+        }
+        match outcome {
+            Outcome::Delivered => self.finish(st, seq),
+            Outcome::Retry | Outcome::NodeProblem => {
+                let status = result.err();
+                let message = status.as_ref().map_or("", |s| s.message());
+                if outcome == Outcome::NodeProblem {
+                    tracing::warn!(node = %self.node, ?code, message, "node refuses deliveries");
+                }
+                self.record_attempts(st, seq, entry.attempts);
+                st.entries.insert(seq, entry);
+                if epoch == st.epoch {
+                    let delay = st.backoff.next_backoff().unwrap_or(self.cfg.backoff_max);
+                    if st.blocked_until.is_none() {
+                        tracing::info!(node = %self.node, ?code, message, ?delay, "node failing; backing off");
+                    } else {
+                        tracing::debug!(node = %self.node, ?code, message, ?delay, "probe failed");
+                    }
+                    st.blocked_until = Some(now + delay);
+                    st.epoch += 1;
+                }
+            }
+            Outcome::Permanent => {
+                let reason = result
+                    .err()
+                    .map_or_else(String::new, |s| format!("{:?}: {}", s.code(), s.message()));
+                if entry.attempts >= self.cfg.max_attempts {
+                    tracing::warn!(node = %self.node, seq, attempts = entry.attempts, %reason, "dead-lettering");
+                    let msg = match self.store.message(seq) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::error!(node = %self.node, seq, error = %e, "dead letter without its message");
+                            None
+                        }
+                    };
+                    self.dead_letter(st, seq, entry, msg, reason);
+                } else {
+                    let b = entry.backoff.get_or_insert_with(|| {
+                        policy::backoff(self.cfg.backoff_initial, self.cfg.backoff_max)
+                    });
+                    let delay = b.next_backoff().unwrap_or(self.cfg.backoff_max);
+                    tracing::debug!(node = %self.node, seq, attempts = entry.attempts, %reason, ?delay, "refused; will offer again");
+                    entry.not_before = Some(now + delay);
+                    self.record_attempts(st, seq, entry.attempts);
+                    st.waiting.insert(seq, entry);
+                }
+            }
+        }
+    }
+
+    /// The range holding `seq`, as `(start, offset)`.
+    fn locate(st: &State, seq: u64) -> Option<(u64, u32)> {
+        let (start, rec) = st.ranges.range(..=seq).next_back()?;
+        let off = u32::try_from(seq - start).ok()?;
+        (off < rec.len).then_some((*start, off))
+    }
+
+    fn record_attempts(&self, st: &mut State, seq: u64, attempts: u32) {
+        let Some((start, off)) = Self::locate(st, seq) else {
+            return;
+        };
+        if let Some(rec) = st.ranges.get_mut(&start) {
+            match rec.attempts.iter_mut().find(|(o, _)| *o == off) {
+                Some(slot) => slot.1 = attempts,
+                None => rec.attempts.push((off, attempts)),
+            }
+            st.dirty.insert(start);
+        }
+    }
+
+    /// Marks `seq` finished; a complete range is deleted at once.
+    fn finish(&self, st: &mut State, seq: u64) {
+        let Some((start, off)) = Self::locate(st, seq) else {
+            return;
+        };
+        let Some(rec) = st.ranges.get_mut(&start) else {
+            return;
+        };
+        rec.set_done(off);
+        if rec.is_complete() {
+            match self.store.save_range(&self.node, start, rec) {
+                Ok(()) => {
+                    st.ranges.remove(&start);
+                    st.dirty.remove(&start);
+                }
+                Err(e) => {
+                    tracing::error!(node = %self.node, error = %e, "saving progress failed");
+                    st.dirty.insert(start);
+                }
+            }
+        } else {
+            st.dirty.insert(start);
+        }
+    }
+
+    /// Moves `seq` to the dead letters; on a store error the entry stays live and is retried.
+    fn dead_letter(
+        &self,
+        st: &mut State,
+        seq: u64,
+        mut entry: Entry,
+        message: Option<MessageRecord>,
+        reason: String,
+    ) {
+        let Some((start, off)) = Self::locate(st, seq) else {
+            return;
+        };
+        let Some(rec) = st.ranges.get(&start) else {
+            return;
+        };
+        let mut updated = rec.clone();
+        updated.set_done(off);
+        let dead = DeadLetterRecord {
+            seq,
+            message,
+            attempts: entry.attempts,
+            reason,
+            dead_at_ms: now_ms(),
+        };
+        match self.store.dead_letter(&self.node, start, &updated, &dead) {
+            Ok(()) => {
+                st.dirty.remove(&start);
+                if updated.is_complete() {
+                    st.ranges.remove(&start);
+                } else {
+                    st.ranges.insert(start, updated);
+                }
+            }
+            Err(e) => {
+                tracing::error!(node = %self.node, seq, error = %e, "writing a dead letter failed");
+                entry.not_before = Some(Instant::now() + STORE_RETRY);
+                st.waiting.insert(seq, entry);
+            }
+        }
+    }
+
+    fn write_back(&self, st: &mut State, force: bool) {
+        if st.dirty.is_empty() || (!force && st.last_write_back.elapsed() < WRITE_BACK_EVERY) {
+            return;
+        }
+        st.last_write_back = Instant::now();
+        let dirty = std::mem::take(&mut st.dirty);
+        for start in dirty {
+            let Some(rec) = st.ranges.get(&start) else {
+                continue;
+            };
+            if let Err(e) = self.store.save_range(&self.node, start, rec) {
+                tracing::error!(node = %self.node, error = %e, "saving progress failed");
+                st.dirty.insert(start);
+            }
+        }
+    }
+
+    /// The next instant something is due: backoff end, a waiting entry, or write-back.
+    fn next_wake(&self, st: &State) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut wake = far;
+        if let Some(t) = st.blocked_until {
+            wake = wake.min(t);
+        }
+        if let Some(t) = st.waiting.values().filter_map(|e| e.not_before).min() {
+            wake = wake.min(t);
+        }
+        if !st.dirty.is_empty() {
+            wake = wake.min(st.last_write_back + WRITE_BACK_EVERY);
+        }
+        wake
+    }
+}

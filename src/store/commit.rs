@@ -1,0 +1,349 @@
+//! Group commit: one committer thread turns concurrent accepts into commit rounds.
+//!
+//! A round takes every accept waiting in the channel (up to [`MAX_ROUND`]), checks each
+//! against the dedupe entries, assigns sequence numbers, writes the whole round as one
+//! atomic sled batch (one message record and one dedupe entry per message, one range record
+//! per known node), makes it durable with [`Store::sync`], and only then answers the round's
+//! callers and wakes the delivery workers. Callers that arrive while a round is syncing form
+//! the next round, so the fsync rate, not the caller count, bounds the round rate.
+//!
+//! The committer is the only writer of new messages, the only caller of `flush()` besides
+//! sled's own flusher (concurrent `flush_async()` calls hang in sled 0.34.7, sled#1308), and
+//! runs the housekeeping that must be ordered with syncs: payload reclamation below the
+//! low-water mark and dedupe expiry.
+//!
+//! **Cancellation safety**: [`CommitHandle::accept`] hands the request to the thread before
+//! its first await. If the caller's future is dropped (the client went away), the round
+//! still commits the message in full or not at all, and its reply is simply discarded; a
+//! retry with the same msg_id then answers `duplicate`.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use super::{keys, now_ms, record, Durability, MessageRecord, RangeRecord, RoundIndex, Store};
+use super::{DedupeRecord, StoreError};
+
+/// Most messages in one round: bounds a range record's bitmap and a round's batch size.
+pub const MAX_ROUND: usize = 4096;
+/// How often housekeeping runs (payload reclamation, dedupe expiry).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+/// Most message records or dedupe rounds removed per housekeeping pass.
+const HOUSEKEEPING_LIMIT: usize = 10_000;
+
+/// A validated broadcast, ready to be made durable.
+#[derive(Debug, Clone)]
+pub struct Accept {
+    /// The caller's idempotency key; `None` = the committer assigns one.
+    pub msg_id: Option<String>,
+    /// Opaque label passed through to nodes.
+    pub topic: String,
+    /// Headers passed through to nodes.
+    pub headers: Vec<(String, String)>,
+    /// The body (non-empty, within the configured limit).
+    pub payload: Vec<u8>,
+    /// Time to live; 0 = never expires.
+    pub ttl_ms: u64,
+}
+
+/// The answer to an accepted (or duplicate) broadcast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The id the message was accepted under.
+    pub msg_id: String,
+    /// How many nodes it was queued for (the original count, for a duplicate).
+    pub node_count: u32,
+    /// `msg_id` was accepted before, within the dedupe window: nothing queued again.
+    pub duplicate: bool,
+}
+
+/// Why an accept was not acked. Nothing of it is visible in the store.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CommitError {
+    /// No connect-node is known yet.
+    #[error("no connect-nodes known")]
+    NoNodes,
+    /// The store failed to write or sync the round; the message is not acked.
+    #[error("store unavailable: {0}")]
+    Store(String),
+    /// The committer has stopped (the manager is shutting down).
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+enum Request {
+    Accept(Accept, oneshot::Sender<Result<Accepted, CommitError>>),
+    /// Finish every request queued before this one, sync, and stop.
+    Stop(oneshot::Sender<Result<(), String>>),
+}
+
+/// Submits accepts to the committer; cheap to clone.
+#[derive(Clone)]
+pub struct CommitHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl CommitHandle {
+    /// Makes `accept` durable per the configured [`Durability`] and answers when it is.
+    pub async fn accept(&self, accept: Accept) -> Result<Accepted, CommitError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Accept(accept, tx))
+            .map_err(|_| CommitError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(CommitError::ShuttingDown))
+    }
+
+    /// Commits everything queued so far, syncs, and stops the committer. Accepts sent after
+    /// this answer [`CommitError::ShuttingDown`].
+    pub async fn stop(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Stop(tx)).is_err() {
+            return Ok(());
+        }
+        rx.await.unwrap_or(Ok(()))
+    }
+}
+
+/// Settings of the committer.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitOptions {
+    /// When callers are answered relative to the fsync.
+    pub durability: Durability,
+    /// How long a msg_id stays a duplicate.
+    pub dedupe_window: Duration,
+}
+
+/// The committer thread's state.
+pub struct Committer {
+    store: Store,
+    opts: CommitOptions,
+    rx: mpsc::Receiver<Request>,
+    next_seq: u64,
+    /// Last committed sequence, watched by the delivery workers.
+    committed: watch::Sender<u64>,
+    id_prefix: String,
+    id_counter: u64,
+    last_housekeeping: Instant,
+    /// Message records below this sequence are already reclaimed.
+    reclaimed_below: u64,
+}
+
+impl Committer {
+    /// Starts the committer thread. `committed` is advanced after every durable round.
+    pub fn spawn(
+        store: Store,
+        opts: CommitOptions,
+        committed: watch::Sender<u64>,
+    ) -> Result<(CommitHandle, std::thread::JoinHandle<()>), StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let next_seq = store.next_seq()?;
+        committed.send_replace(next_seq - 1);
+        let committer = Committer {
+            store,
+            opts,
+            rx,
+            next_seq,
+            committed,
+            id_prefix: format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff),
+            id_counter: 0,
+            last_housekeeping: Instant::now(),
+            reclaimed_below: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || committer.run())
+            .map_err(|e| StoreError::io("starting the committer thread", e))?;
+        Ok((CommitHandle { tx }, thread))
+    }
+
+    fn run(mut self) {
+        loop {
+            let first = match self.rx.recv_timeout(HOUSEKEEPING_EVERY) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.housekeeping();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut accepts = Vec::new();
+            let mut stop = None;
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Accept(a, tx) => accepts.push((a, tx)),
+                    Request::Stop(tx) => {
+                        stop = Some(tx);
+                        break;
+                    }
+                }
+                if accepts.len() < MAX_ROUND {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            if !accepts.is_empty() {
+                self.round(accepts);
+            }
+            if let Some(tx) = stop {
+                let result = self.store.sync().map_err(|e| e.to_string());
+                let _ = tx.send(result);
+                return;
+            }
+            if self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+                self.housekeeping();
+            }
+        }
+        // Every handle is gone: make what was written durable before the thread ends.
+        if let Err(e) = self.store.sync() {
+            tracing::error!(error = %e, "final store sync failed");
+        }
+    }
+
+    fn assign_id(&mut self) -> String {
+        self.id_counter += 1;
+        format!("{}-{:x}-{}", self.id_prefix, now_ms(), self.id_counter)
+    }
+
+    /// One commit round: see the module docs.
+    fn round(&mut self, accepts: Vec<(Accept, oneshot::Sender<Result<Accepted, CommitError>>)>) {
+        let nodes = self.store.known_nodes();
+        let node_count = nodes.len() as u32;
+        let now = now_ms();
+        let window_ms = self.opts.dedupe_window.as_millis() as u64;
+        let start = self.next_seq;
+        let mut seq = start;
+        let mut batch = sled::Batch::default();
+        let mut in_round: HashMap<String, u32> = HashMap::new();
+        let mut ids = Vec::new();
+        let mut replies = Vec::with_capacity(accepts.len());
+        let mut failure: Option<String> = None;
+
+        for (a, tx) in accepts {
+            if nodes.is_empty() {
+                let _ = tx.send(Err(CommitError::NoNodes));
+                continue;
+            }
+            let msg_id = match a.msg_id {
+                Some(id) => id,
+                None => self.assign_id(),
+            };
+            let earlier = match in_round.get(&msg_id) {
+                Some(count) => Some(*count),
+                None => match self.store.dedupe(&msg_id) {
+                    Ok(Some(d)) if now.saturating_sub(d.accepted_at_ms) < window_ms => {
+                        Some(d.node_count)
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, %msg_id, "dedupe lookup failed");
+                        let _ = tx.send(Err(CommitError::Store(e.to_string())));
+                        continue;
+                    }
+                },
+            };
+            if let Some(count) = earlier {
+                replies.push((tx, msg_id, count, true));
+                continue;
+            }
+            let message = MessageRecord {
+                msg_id: msg_id.clone(),
+                topic: a.topic,
+                headers: a.headers,
+                payload: a.payload,
+                accepted_at_ms: now,
+                ttl_ms: a.ttl_ms,
+            };
+            let dedupe = DedupeRecord {
+                seq,
+                node_count,
+                accepted_at_ms: now,
+            };
+            match (record::encode(&message), record::encode(&dedupe)) {
+                (Ok(m), Ok(d)) => {
+                    batch.insert(keys::message(seq), m);
+                    batch.insert(keys::dedupe(&msg_id), d);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    let _ = tx.send(Err(CommitError::Store(e.to_string())));
+                    continue;
+                }
+            }
+            seq += 1;
+            in_round.insert(msg_id.clone(), node_count);
+            ids.push(msg_id.clone());
+            replies.push((tx, msg_id, node_count, false));
+        }
+
+        if seq > start {
+            let len = (seq - start) as u32;
+            let written = (|| -> Result<(), StoreError> {
+                let range = record::encode(&RangeRecord::new(len))?;
+                for node in nodes.iter() {
+                    batch.insert(keys::range(node, start), range.clone());
+                }
+                batch.insert(
+                    keys::round_index(now, start),
+                    record::encode(&RoundIndex { msg_ids: ids })?,
+                );
+                batch.insert(keys::META_NEXT_SEQ, record::encode(&seq)?);
+                self.store.apply(batch, "writing a commit round")?;
+                if self.opts.durability == Durability::Fsync {
+                    self.store.sync()?;
+                }
+                Ok(())
+            })();
+            match written {
+                Ok(()) => self.next_seq = seq,
+                Err(e) => {
+                    tracing::error!(error = %e, "commit round failed; its callers get UNAVAILABLE");
+                    failure = Some(e.to_string());
+                }
+            }
+        }
+
+        for (tx, msg_id, node_count, duplicate) in replies {
+            let reply = match &failure {
+                Some(e) => Err(CommitError::Store(e.clone())),
+                None => Ok(Accepted {
+                    msg_id,
+                    node_count,
+                    duplicate,
+                }),
+            };
+            let _ = tx.send(reply);
+        }
+        if failure.is_none() && seq > start {
+            self.committed.send_replace(seq - 1);
+            if self.opts.durability == Durability::Buffered {
+                if let Err(e) = self.store.sync() {
+                    tracing::error!(error = %e, "background sync failed in buffered mode");
+                }
+            }
+        }
+    }
+
+    /// Reclaims payloads below the low-water mark and expires dedupe entries. The sync
+    /// between computing the mark and deleting is what invariant 3 relies on: the queue
+    /// progress the mark was read from is durable before any payload it frees is gone.
+    fn housekeeping(&mut self) {
+        self.last_housekeeping = Instant::now();
+        let result = (|| -> Result<(), StoreError> {
+            let lwm = self.store.low_water_mark(self.next_seq)?;
+            if lwm > self.reclaimed_below {
+                self.store.sync()?;
+                let n = self.store.delete_messages_below(lwm, HOUSEKEEPING_LIMIT)?;
+                if n < HOUSEKEEPING_LIMIT {
+                    self.reclaimed_below = lwm;
+                }
+            }
+            let cutoff = now_ms().saturating_sub(self.opts.dedupe_window.as_millis() as u64);
+            self.store.expire_dedupe(cutoff, HOUSEKEEPING_LIMIT)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "store housekeeping failed; will retry");
+        }
+    }
+}

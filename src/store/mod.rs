@@ -1,0 +1,544 @@
+//! The durable queue: an embedded sled database holding every accepted message until each
+//! node it was queued for has it.
+//!
+//! # Durability contract
+//!
+//! 1. **Nothing is acked before the fsync that covers all of its writes.** Only the
+//!    [`commit`] committer writes new messages, and in [`Durability::Fsync`] mode it answers
+//!    a round's callers only after [`Store::sync`] returned: sled's `flush()` (which ends in
+//!    `sync_file_range`, enough against a process crash but not a power cut), then `fsync` of
+//!    every new file under `blobs/` and of that directory (sled writes large pages there and
+//!    never syncs them), then `fdatasync` of sled's log file.
+//! 2. **After any crash a message is fully enqueued for all its nodes, or not visible at
+//!    all, and its dedupe entry never exists without it.** A commit round is one sled `Batch`
+//!    on one tree (sled recovers a batch atomically): the message records, their dedupe
+//!    entries, one range record per node, the round index and the next sequence number.
+//! 3. **A payload is deleted only when no node queue and no dead letter refers to it.** Dead
+//!    letters hold a full copy. Message records are deleted only below the low-water mark
+//!    (the lowest unfinished sequence over every node's queue), computed from the store and
+//!    made durable by a sync *before* the deletion is written.
+//! 4. **Opening a store of an older format migrates it; a newer or corrupt one is a clear
+//!    error, never silent loss** ([`migrate`]). Every record carries a version byte and a
+//!    CRC32C checked on read ([`record`]).
+//!
+//! # Layout
+//!
+//! One sled tree, keyspaces by prefix (see [`keys`]); `<seq>` and times are big-endian u64.
+//!
+//! ```text
+//! meta/format              u32            store format version
+//! meta/manager_id          String         the manager this data dir belongs to
+//! meta/next_seq            u64            next sequence number (written in every round)
+//! m/<seq>                  MessageRecord  payload and metadata, one per message
+//! q/<node>\0<start>        RangeRecord    a node's share of one commit round
+//! l/<node>\0<seq>          DeadLetterRecord
+//! n/<node>                 NodeRecord     known nodes
+//! d/<msg_id>               DedupeRecord
+//! t/<accepted_at><start>   RoundIndex     msg_ids of a round, for dedupe expiry
+//! ```
+//!
+//! Fan-out costs one range record per node per commit round, not per message.
+
+pub mod commit;
+pub mod keys;
+pub mod migrate;
+pub mod record;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+pub use commit::{Accept, Accepted, CommitError, CommitHandle, Committer};
+pub use record::{
+    DeadLetterRecord, DedupeRecord, MessageRecord, NodeRecord, RangeRecord, RoundIndex,
+};
+
+/// Errors of the store. Each says which record or file is involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O error from the disk or from sled.
+    #[error("store I/O error while {what}: {source}")]
+    Io {
+        /// What the store was doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record failed its checksum or could not be decoded.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// The record's key, readable.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// sled itself reported corruption or an internal failure.
+    #[error("store engine error while {what}: {reason}")]
+    Engine {
+        /// What the store was doing.
+        what: String,
+        /// sled's message.
+        reason: String,
+    },
+    /// The store was written by a newer push-manager.
+    #[error(
+        "store format {found} is newer than this push-manager supports ({supported}); \
+         run the newer version, or restore a backup made before the upgrade"
+    )]
+    NewerFormat {
+        /// Format version found on disk.
+        found: u32,
+        /// Newest format this build reads.
+        supported: u32,
+    },
+    /// Another process holds the store open.
+    #[error(
+        "the store in {dir} is locked by another process (a running manager?); \
+         stop it, or inspect it through the running manager's admin API"
+    )]
+    Locked {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// A record could not be encoded (a bug, or a value over the codec's limits).
+    #[error("cannot encode record: {reason}")]
+    Encode {
+        /// bincode's message.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Whether trying the same operation later may succeed (I/O trouble such as a full
+    /// disk), as opposed to corruption or a format problem that needs an operator.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io { .. })
+    }
+
+    /// A short code for logs and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Io { .. } => "io",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::Engine { .. } => "engine",
+            StoreError::NewerFormat { .. } => "newer_format",
+            StoreError::Locked { .. } => "locked",
+            StoreError::Encode { .. } => "encode",
+        }
+    }
+
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    fn sled(what: impl Into<String>, e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(source) => StoreError::io(what, source),
+            other => StoreError::Engine {
+                what: what.into(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// When a commit round answers its callers relative to the fsync; see [`commit`].
+pub use crate::config::Durability;
+
+/// Handle to an open store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    /// sled's log file, kept open for `fdatasync`.
+    log_file: File,
+    /// Blob files already fsynced, by name; pruned to what still exists.
+    synced_blobs: Mutex<BTreeSet<String>>,
+    /// Known node ids, the set a commit round fans out to.
+    known: RwLock<Arc<[String]>>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the store under `data_dir/store`, migrating an older format.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let dir = data_dir.join("store");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        let db = sled::Config::new().path(&dir).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked {
+                    dir: data_dir.to_path_buf(),
+                }
+            }
+            other => StoreError::sled(format!("opening {}", dir.display()), other),
+        })?;
+        migrate::run(&db)?;
+        let log_path = dir.join("db");
+        let log_file = File::open(&log_path)
+            .map_err(|e| StoreError::io(format!("opening {}", log_path.display()), e))?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                dir,
+                db,
+                log_file,
+                synced_blobs: Mutex::new(BTreeSet::new()),
+                known: RwLock::new(Arc::from(Vec::new())),
+            }),
+        };
+        let known: Vec<String> = store.nodes()?.into_keys().collect();
+        store.set_known(known);
+        // Everything sled created at open (its conf file, the log, the blobs dir) must
+        // survive a power cut before the first ack relies on it.
+        store.sync()?;
+        sync_dir(&store.inner.dir)?;
+        sync_dir(data_dir)?;
+        Ok(store)
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn tree(&self) -> &sled::Db {
+        &self.inner.db
+    }
+
+    fn get<T: bincode::Decode<()>>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.tree().get(key) {
+            Ok(Some(v)) => record::decode(key, &v).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::sled(format!("reading {}", keys::display(key)), e)),
+        }
+    }
+
+    fn put<T: bincode::Encode>(&self, key: &[u8], value: &T) -> Result<(), StoreError> {
+        let bytes = record::encode(value)?;
+        self.tree()
+            .insert(key, bytes)
+            .map(drop)
+            .map_err(|e| StoreError::sled(format!("writing {}", keys::display(key)), e))
+    }
+
+    fn apply(&self, batch: sled::Batch, what: &str) -> Result<(), StoreError> {
+        self.tree()
+            .apply_batch(batch)
+            .map_err(|e| StoreError::sled(what, e))
+    }
+
+    /// Makes every write so far durable: sled flush, fsync of new blob files and the blobs
+    /// directory, fdatasync of the log. See invariant 1.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.tree()
+            .flush()
+            .map_err(|e| StoreError::sled("flushing the store", e))?;
+        self.sync_new_blobs()?;
+        self.inner
+            .log_file
+            .sync_data()
+            .map_err(|e| StoreError::io("fdatasync of the store log", e))
+    }
+
+    fn sync_new_blobs(&self) -> Result<(), StoreError> {
+        let blobs = self.inner.dir.join("blobs");
+        let entries = match std::fs::read_dir(&blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io(format!("listing {}", blobs.display()), e)),
+        };
+        let mut synced = self
+            .inner
+            .synced_blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut present = BTreeSet::new();
+        let mut any_new = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("listing blobs", e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(f) => f
+                        .sync_all()
+                        .map_err(|e| StoreError::io(format!("fsync of blob {name}"), e))?,
+                    // sled removed a superseded blob in the meantime: nothing to make durable.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(StoreError::io(format!("opening blob {name}"), e)),
+                }
+                any_new = true;
+            }
+            present.insert(name);
+        }
+        if any_new {
+            sync_dir(&blobs)?;
+        }
+        *synced = present;
+        Ok(())
+    }
+
+    // ----- meta -----
+
+    /// The manager id stored in this data dir, if any.
+    pub fn manager_id(&self) -> Result<Option<String>, StoreError> {
+        self.get(keys::META_MANAGER_ID)
+    }
+
+    /// Stores the manager id (first start of a data dir) durably.
+    pub fn set_manager_id(&self, id: &str) -> Result<(), StoreError> {
+        self.put(keys::META_MANAGER_ID, &id.to_string())?;
+        self.sync()
+    }
+
+    pub(crate) fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.get::<u64>(keys::META_NEXT_SEQ)?.unwrap_or(1))
+    }
+
+    // ----- nodes -----
+
+    /// Every known node, with its record. A node that has a queue but lost its record
+    /// (which invariant 2 rules out, but a damaged store might show) is reported with an
+    /// empty address rather than hidden, so its messages are not orphaned.
+    pub fn nodes(&self) -> Result<BTreeMap<String, NodeRecord>, StoreError> {
+        let mut out = BTreeMap::new();
+        for item in self.tree().scan_prefix(keys::NODES) {
+            let (k, v) = item.map_err(|e| StoreError::sled("scanning nodes", e))?;
+            let id = String::from_utf8_lossy(&k[keys::NODES.len()..]).into_owned();
+            out.insert(id, record::decode(&k, &v)?);
+        }
+        let mut key = keys::QUEUES.to_vec();
+        while let Some((k, _)) = self
+            .tree()
+            .get_gt(&key)
+            .map_err(|e| StoreError::sled("scanning queues", e))?
+        {
+            let Some(id) = keys::node_of_range(&k) else {
+                break;
+            };
+            let id = id.to_string();
+            key = keys::range(&id, u64::MAX);
+            out.entry(id).or_insert_with(|| NodeRecord {
+                addr: String::new(),
+                first_seen_ms: 0,
+                last_seen_ms: 0,
+                is_static: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The node ids a commit round fans out to right now.
+    pub fn known_nodes(&self) -> Arc<[String]> {
+        self.inner
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_known(&self, ids: Vec<String>) {
+        *self.inner.known.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(ids);
+    }
+
+    /// Records a node (new, or seen again at `addr`) and makes it part of the fan-out set.
+    /// Its record is written before it can receive any message, so a queue never exists
+    /// without its node (invariant 2).
+    pub fn upsert_node(&self, id: &str, addr: &str, is_static: bool) -> Result<(), StoreError> {
+        let now = now_ms();
+        let rec = match self.get::<NodeRecord>(&keys::node(id))? {
+            Some(mut r) => {
+                r.addr = addr.to_string();
+                r.last_seen_ms = now;
+                r.is_static |= is_static;
+                r
+            }
+            None => NodeRecord {
+                addr: addr.to_string(),
+                first_seen_ms: now,
+                last_seen_ms: now,
+                is_static,
+            },
+        };
+        self.put(&keys::node(id), &rec)?;
+        let mut known = self.known_nodes().to_vec();
+        if !known.iter().any(|k| k == id) {
+            known.push(id.to_string());
+            known.sort();
+            self.set_known(known);
+        }
+        Ok(())
+    }
+
+    // ----- dedupe -----
+
+    /// The dedupe entry for `msg_id`, if one exists (expired or not).
+    pub fn dedupe(&self, msg_id: &str) -> Result<Option<DedupeRecord>, StoreError> {
+        self.get(&keys::dedupe(msg_id))
+    }
+
+    /// Removes dedupe entries accepted at or before `cutoff_ms`, oldest first, at most
+    /// `limit` rounds per call so the committer is never stalled. Returns rounds removed.
+    pub(crate) fn expire_dedupe(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let end = keys::round_index(cutoff_ms, u64::MAX);
+        let mut batch = sled::Batch::default();
+        let mut rounds = 0;
+        for item in self.tree().range(keys::ROUNDS.to_vec()..=end).take(limit) {
+            let (k, v) = item.map_err(|e| StoreError::sled("scanning round index", e))?;
+            let index: RoundIndex = record::decode(&k, &v)?;
+            for id in &index.msg_ids {
+                let dk = keys::dedupe(id);
+                // A msg_id re-accepted after expiry has a newer entry: keep that one.
+                if let Some(d) = self.get::<DedupeRecord>(&dk)? {
+                    if d.accepted_at_ms <= cutoff_ms {
+                        batch.remove(dk);
+                    }
+                }
+            }
+            batch.remove(k);
+            rounds += 1;
+        }
+        if rounds > 0 {
+            self.apply(batch, "expiring dedupe entries")?;
+        }
+        Ok(rounds)
+    }
+
+    // ----- queues -----
+
+    /// Up to `limit` ranges of `node` with a start above `after` (all when `None`).
+    pub fn ranges(
+        &self,
+        node: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, RangeRecord)>, StoreError> {
+        let from = match after {
+            Some(s) if s < u64::MAX => keys::range(node, s + 1),
+            Some(_) => return Ok(Vec::new()),
+            None => keys::range_prefix(node),
+        };
+        let to = keys::range(node, u64::MAX);
+        let mut out = Vec::new();
+        for item in self.tree().range(from..=to).take(limit) {
+            let (k, v) = item.map_err(|e| StoreError::sled("scanning a queue", e))?;
+            let start = keys::trailing_u64(&k).ok_or_else(|| StoreError::Corrupt {
+                key: keys::display(&k),
+                reason: "queue key without a sequence number".into(),
+            })?;
+            out.push((start, record::decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// The message with sequence `seq`; `Ok(None)` if it does not exist.
+    pub fn message(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        self.get(&keys::message(seq))
+    }
+
+    /// Saves a node's progress on one range, deleting the range once it is complete.
+    pub fn save_range(&self, node: &str, start: u64, rec: &RangeRecord) -> Result<(), StoreError> {
+        let key = keys::range(node, start);
+        if rec.is_complete() {
+            self.tree()
+                .remove(&key)
+                .map(drop)
+                .map_err(|e| StoreError::sled(format!("removing {}", keys::display(&key)), e))
+        } else {
+            self.put(&key, rec)
+        }
+    }
+
+    /// Moves one entry to `node`'s dead letters: the dead letter (a full copy) and the
+    /// range's progress are written in one batch, so the entry is in exactly one place.
+    pub fn dead_letter(
+        &self,
+        node: &str,
+        start: u64,
+        range: &RangeRecord,
+        dead: &DeadLetterRecord,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::dead(node, dead.seq), record::encode(dead)?);
+        let key = keys::range(node, start);
+        if range.is_complete() {
+            batch.remove(key);
+        } else {
+            batch.insert(key, record::encode(range)?);
+        }
+        self.apply(batch, "writing a dead letter")
+    }
+
+    /// `node`'s dead letters in sequence order.
+    pub fn dead_letters(&self, node: &str) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        self.tree()
+            .scan_prefix(keys::dead_prefix(node))
+            .map(|item| {
+                let (k, v) = item.map_err(|e| StoreError::sled("scanning dead letters", e))?;
+                record::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Lowest sequence some node still needs: the first unfinished entry of each node's
+    /// first range, or `next_seq` when every queue is empty.
+    pub(crate) fn low_water_mark(&self, next_seq: u64) -> Result<u64, StoreError> {
+        let mut lwm = next_seq;
+        for node in self.nodes()?.keys() {
+            if let Some((start, rec)) = self.ranges(node, None, 1)?.into_iter().next() {
+                let first = rec.pending().next().map_or(start + u64::from(rec.len), |o| {
+                    start + u64::from(o)
+                });
+                lwm = lwm.min(first);
+            }
+        }
+        Ok(lwm)
+    }
+
+    /// Deletes message records with a sequence below `lwm`, at most `limit` per call.
+    /// Callers must have synced the state `lwm` was computed from (invariant 3).
+    pub(crate) fn delete_messages_below(&self, lwm: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self
+            .tree()
+            .range(keys::MESSAGES.to_vec()..keys::message(lwm))
+            .keys()
+            .take(limit)
+        {
+            batch.remove(item.map_err(|e| StoreError::sled("scanning messages", e))?);
+            n += 1;
+        }
+        if n > 0 {
+            self.apply(batch, "deleting delivered messages")?;
+        }
+        Ok(n)
+    }
+
+    /// Number of message records stored (for tests and tools; walks the keyspace).
+    pub fn message_count(&self) -> usize {
+        self.tree().scan_prefix(keys::MESSAGES).count()
+    }
+}
+
+/// fsync of a directory, so that files created or removed in it survive a power cut.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(format!("fsync of directory {}", dir.display()), e))
+}

@@ -1,0 +1,233 @@
+//! The record codec and the persisted record types.
+//!
+//! Every value the store writes is framed as
+//!
+//! ```text
+//! [record version: u8][crc32c of version byte + body: u32 LE][bincode 2 body]
+//! ```
+//!
+//! and checked on every read: a bad frame is [`StoreError::Corrupt`] naming the key, never a
+//! panic and never a silently skipped message.
+//!
+//! **Do not reorder, retype or remove fields of the structs below**: bincode encodes them by
+//! position. A change of layout is a new record version plus a migration in `migrations/`.
+
+use bincode::{Decode, Encode};
+
+use super::StoreError;
+
+/// The version byte written in front of every record.
+pub const RECORD_VERSION: u8 = 1;
+const HEADER_LEN: usize = 5;
+/// Largest body a record may decode to; guards against a garbled length prefix asking bincode
+/// for gigabytes.
+const DECODE_LIMIT: usize = 256 * 1024 * 1024;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+/// Frames `value` as a record.
+pub(crate) fn encode<T: Encode>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![RECORD_VERSION, 0, 0, 0, 0];
+    bincode::encode_into_std_write(value, &mut out, config()).map_err(|e| StoreError::Encode {
+        reason: e.to_string(),
+    })?;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..1]), &out[HEADER_LEN..]);
+    out[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Checks a record's frame and decodes it; `key` names the record in errors.
+pub(crate) fn decode<T: Decode<()>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: super::keys::display(key),
+        reason,
+    };
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt(format!("record is {} bytes, shorter than its header", bytes.len())));
+    }
+    if bytes[0] != RECORD_VERSION {
+        return Err(corrupt(format!(
+            "record version {} is not supported (this build reads version {RECORD_VERSION})",
+            bytes[0]
+        )));
+    }
+    let stored = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let actual = crc32c::crc32c_append(crc32c::crc32c(&bytes[..1]), &bytes[HEADER_LEN..]);
+    if stored != actual {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"
+        )));
+    }
+    let (value, used) = bincode::decode_from_slice(&bytes[HEADER_LEN..], config())
+        .map_err(|e| corrupt(format!("undecodable body: {e}")))?;
+    if used != bytes.len() - HEADER_LEN {
+        return Err(corrupt(format!(
+            "{} trailing bytes after the body",
+            bytes.len() - HEADER_LEN - used
+        )));
+    }
+    Ok(value)
+}
+
+/// One accepted broadcast, written once whatever the number of nodes (key `m/<seq>`).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct MessageRecord {
+    /// The id it was accepted under (caller's, or assigned by the manager).
+    pub msg_id: String,
+    /// Opaque label passed through to nodes.
+    pub topic: String,
+    /// Headers passed through to nodes, sorted by name.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub payload: Vec<u8>,
+    /// Acceptance time, milliseconds since the Unix epoch.
+    pub accepted_at_ms: u64,
+    /// Time to live from acceptance; 0 = never expires.
+    pub ttl_ms: u64,
+}
+
+impl MessageRecord {
+    /// When the message stops being deliverable, if it ever does.
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        (self.ttl_ms > 0).then(|| self.accepted_at_ms.saturating_add(self.ttl_ms))
+    }
+}
+
+/// A node's share of one commit round (key `q/<node>\0<start>`): the sequences
+/// `start..start + len`, with a bit set for each one that is finished (delivered, expired or
+/// dead-lettered) and the offer count of entries that have been offered without success.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct RangeRecord {
+    /// Number of sequences in the round.
+    pub len: u32,
+    /// Bit `i` (byte `i / 8`, bit `i % 8`) set = sequence `start + i` is finished.
+    pub done: Vec<u8>,
+    /// `(offset, attempts)` for unfinished entries offered at least once without success.
+    pub attempts: Vec<(u32, u32)>,
+}
+
+impl RangeRecord {
+    /// A round of `len` sequences, none finished.
+    pub fn new(len: u32) -> Self {
+        Self {
+            len,
+            done: vec![0; (len as usize).div_ceil(8)],
+            attempts: Vec::new(),
+        }
+    }
+
+    /// Whether the entry at `offset` is finished.
+    pub fn is_done(&self, offset: u32) -> bool {
+        let i = offset as usize;
+        self.done.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    /// Marks the entry at `offset` finished.
+    pub fn set_done(&mut self, offset: u32) {
+        let i = offset as usize;
+        if let Some(b) = self.done.get_mut(i / 8) {
+            *b |= 1 << (i % 8);
+        }
+        self.attempts.retain(|(o, _)| *o != offset);
+    }
+
+    /// Offsets not finished yet, in order.
+    pub fn pending(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(|o| !self.is_done(*o))
+    }
+
+    /// Whether every entry is finished, so the record can be deleted.
+    pub fn is_complete(&self) -> bool {
+        self.pending().next().is_none()
+    }
+}
+
+/// A message a node will never get, kept whole for inspection and replay
+/// (key `l/<node>\0<seq>`).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeadLetterRecord {
+    /// The message's sequence number when it was live.
+    pub seq: u64,
+    /// The message, or `None` when its record was unreadable (see `reason`).
+    pub message: Option<MessageRecord>,
+    /// Offers made to the node.
+    pub attempts: u32,
+    /// Why it was dead-lettered (the node's last answer, or the store error).
+    pub reason: String,
+    /// When, milliseconds since the Unix epoch.
+    pub dead_at_ms: u64,
+}
+
+/// A known connect-node (key `n/<node>`).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct NodeRecord {
+    /// Last known address, `host:port`.
+    pub addr: String,
+    /// First registration, milliseconds since the Unix epoch.
+    pub first_seen_ms: u64,
+    /// Last time a membership source reported it, milliseconds since the Unix epoch.
+    pub last_seen_ms: u64,
+    /// Configured with `--static-node`: never retired.
+    pub is_static: bool,
+}
+
+/// A dedupe entry (key `d/<msg_id>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct DedupeRecord {
+    /// Sequence the message was accepted under.
+    pub seq: u64,
+    /// Nodes it was queued for: a duplicate's reply repeats it.
+    pub node_count: u32,
+    /// Acceptance time, milliseconds since the Unix epoch.
+    pub accepted_at_ms: u64,
+}
+
+/// The msg_ids accepted in one commit round (key `t/<accepted_at>\0<start>`): lets dedupe
+/// entries expire in time order without scanning the dedupe keyspace.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct RoundIndex {
+    /// Every msg_id accepted in the round.
+    pub msg_ids: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption_is_named() {
+        let rec = DedupeRecord {
+            seq: 7,
+            node_count: 3,
+            accepted_at_ms: 99,
+        };
+        let bytes = encode(&rec).unwrap();
+        assert_eq!(decode::<DedupeRecord>(b"d/x", &bytes).unwrap(), rec);
+
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x40;
+            let err = decode::<DedupeRecord>(b"d/x", &bad).unwrap_err().to_string();
+            assert!(err.contains("d/x"), "{err}");
+        }
+        let err = decode::<DedupeRecord>(b"d/x", &bytes[..3]).unwrap_err().to_string();
+        assert!(err.contains("shorter than its header"), "{err}");
+    }
+
+    #[test]
+    fn range_bitmap() {
+        let mut r = RangeRecord::new(10);
+        assert_eq!(r.pending().count(), 10);
+        r.attempts.push((3, 2));
+        r.set_done(3);
+        r.set_done(9);
+        assert!(r.is_done(3) && r.is_done(9) && !r.is_done(4));
+        assert!(r.attempts.is_empty());
+        for o in 0..10 {
+            r.set_done(o);
+        }
+        assert!(r.is_complete());
+    }
+}
