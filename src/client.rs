@@ -43,7 +43,10 @@ pub enum ClientError {
 }
 
 /// Connects to a manager at `addr` (`host:port`), failing after `timeout`.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<PushServerClient<Channel>, ClientError> {
+pub async fn connect(
+    addr: &str,
+    timeout: Duration,
+) -> Result<PushServerClient<Channel>, ClientError> {
     let err = |reason: String| ClientError::Connect {
         addr: addr.to_string(),
         reason,

@@ -145,7 +145,7 @@ pub struct ServeArgs {
     )]
     pub dedupe_window: Option<Duration>,
 
-    /// How long messages wait for an offline node before they expire [default: 24h]
+    /// How long a node may be absent from etcd before it is retired and its queue archived [default: 24h]
     #[arg(
         long,
         value_name = "DURATION",
@@ -240,7 +240,7 @@ pub struct ServeConfig {
     pub max_payload_bytes: u64,
     /// How long a `msg_id` is remembered for duplicate detection.
     pub dedupe_window: Duration,
-    /// How long a message waits for an offline node.
+    /// How long a node may be absent from etcd before it is retired (its queue archived).
     pub offline_retention: Duration,
     /// Offers of one entry to one node before it is dead-lettered; at least 1.
     pub max_attempts: u32,

@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod dispatch;
+pub mod harness;
 pub mod server;
 pub mod shutdown;
 pub mod store;

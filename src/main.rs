@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server (flags > PUSH_MANAGER_* env vars > --config TOML file > defaults).
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
     /// Send one or more broadcasts to a running manager and print each reply.
     Send(client::SendArgs),
     /// Show the whole flow on this machine: a manager, three connect-node-sims, a node
@@ -77,7 +77,8 @@ async fn main() -> ExitCode {
         }
         Cmd::Demo { keep } => {
             init_logging("warn");
-            let work = std::env::temp_dir().join(format!("push-manager-demo-{}", std::process::id()));
+            let work =
+                std::env::temp_dir().join(format!("push-manager-demo-{}", std::process::id()));
             if let Err(e) = std::fs::create_dir_all(&work) {
                 eprintln!("push-manager demo: cannot create {}: {e}", work.display());
                 return ExitCode::FAILURE;

@@ -48,7 +48,10 @@ pub enum ServerError {
 pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     for (set, what) in [
         (!cfg.etcd.is_empty(), "--etcd (etcd membership)"),
-        (cfg.metrics_listen.is_some(), "--metrics-listen (Prometheus metrics)"),
+        (
+            cfg.metrics_listen.is_some(),
+            "--metrics-listen (Prometheus metrics)",
+        ),
         (cfg.disk_quota.is_some(), "--disk-quota"),
     ] {
         if set {
@@ -168,7 +171,9 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
             tracing::error!(error = %e, "final commit sync failed");
         }
         if !dispatcher.stop(cfg.shutdown_timeout).await {
-            tracing::warn!("delivery workers did not stop in time; undelivered entries stay queued");
+            tracing::warn!(
+                "delivery workers did not stop in time; undelivered entries stay queued"
+            );
         }
         let _ = tokio::task::spawn_blocking(move || {
             let _ = committer_thread.join();
@@ -199,7 +204,9 @@ fn resolve_manager_id(cfg: &ServeConfig, store: &Store) -> Result<String, Server
         ))),
         (Some(s), _) => Ok(s),
         (None, flag) => {
-            let id = flag.clone().unwrap_or_else(|| default_manager_id(cfg.listen));
+            let id = flag
+                .clone()
+                .unwrap_or_else(|| default_manager_id(cfg.listen));
             store.set_manager_id(&id).map_err(store_err)?;
             Ok(id)
         }
@@ -213,7 +220,13 @@ fn default_manager_id(listen: SocketAddr) -> String {
         .unwrap_or_else(|_| "push-manager".into());
     let host: String = host
         .chars()
-        .map(|c| if c.is_ascii_graphic() && c != '/' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '/' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     format!("{host}-{}", listen.port())
 }

@@ -1,1 +1,339 @@
-fn main() {}
+//! `connect-node-sim`: a reference connect-node for demos and tests.
+//!
+//! It serves `broadcast.PushServer` on one address and answers the `Broadcast` calls a
+//! push-manager delivers, the way a real connect-node would, except that it can misbehave on
+//! purpose: answer UNAVAILABLE at random (`--fail-rate`, retryable), answer INVALID_ARGUMENT
+//! for chosen ids (`--reject`, permanent), or answer slowly (`--latency-ms`).
+//! `BroadcastBatch` answers UNIMPLEMENTED, so a manager falls back to unary calls.
+//!
+//! What tests rely on:
+//!
+//! - Once bound, the sim prints exactly one line to stdout, `listening on HOST:PORT`, and
+//!   nothing else; logs and the final count go to stderr.
+//! - With `--record FILE`, every broadcast answered OK appends one line to FILE (see
+//!   [`Recorder`]), written before the answer is sent. A line in the file therefore means
+//!   "this node accepted it", even if the sim was SIGKILLed right after.
+//! - SIGTERM or Ctrl-C: stop accepting, finish the calls in flight, exit 0.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use push_manager::proto::push_server_server::{PushServer, PushServerServer};
+use push_manager::proto::{BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq};
+use rand::Rng;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// tonic's default limit (4 MiB) is below what a manager may be configured to send; a test
+/// node should never be the reason a large payload fails.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The longest `msg_id` the contract allows; the sim checks what the manager sends.
+const MAX_MSG_ID_BYTES: usize = 128;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "connect-node-sim",
+    version,
+    about = "A reference connect-node: serves broadcast.PushServer, can inject failures and \
+             latency, and can record every message it accepts.",
+    after_help = "Once bound, prints exactly one line to stdout: `listening on HOST:PORT`. \
+                  Logs go to stderr (RUST_LOG sets the level, default info). SIGTERM or Ctrl-C \
+                  stops it gracefully (exit 0) and prints the number of messages received."
+)]
+struct Args {
+    /// Address to serve on. With port 0 the OS picks a free port; the `listening on` line
+    /// says which.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+
+    /// Name of this node, used in logs.
+    #[arg(long, value_name = "ID", default_value = "sim")]
+    node_id: String,
+
+    /// Append one line per broadcast answered OK to FILE:
+    /// `msg_id<TAB>seq<TAB>attempt<TAB>manager_id`. Each line is written with a single
+    /// write(2) in append mode, so lines stay whole even if the sim is killed. An existing file
+    /// is appended to, never truncated.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+
+    /// Probability, from 0.0 to 1.0, of answering a broadcast with UNAVAILABLE (which a
+    /// manager retries).
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_probability)]
+    fail_rate: f64,
+
+    /// Wait this many milliseconds before answering each broadcast.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    latency_ms: u64,
+
+    /// Answer INVALID_ARGUMENT (a permanent error) for this msg_id. Repeat the flag to reject
+    /// several ids.
+    #[arg(long, value_name = "MSG_ID")]
+    reject: Vec<String>,
+}
+
+fn parse_probability(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number; give a probability such as 0.25"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{value} is out of range; give a probability from 0.0 to 1.0"
+        ))
+    }
+}
+
+/// The record file: one line per message answered OK.
+///
+/// The file is opened with O_APPEND and each line goes out in one write(2), so concurrent
+/// handlers never interleave within a line and a reader sees whole lines, plus at most one
+/// line still being written (without its `\n`). There is no fsync: the file has to survive
+/// the sim being killed, not the machine losing power, and the page cache already does that.
+struct Recorder {
+    file: File,
+    path: PathBuf,
+}
+
+impl Recorder {
+    fn open(path: &Path) -> Result<Self> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("cannot open record file {}", path.display()))?;
+        end_torn_line(&mut file)
+            .with_context(|| format!("cannot check the end of record file {}", path.display()))?;
+        Ok(Recorder {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn append(&self, req: &BroadCastReq) -> io::Result<()> {
+        // msg_id was checked to be visible ASCII; manager_id is free text, so keep it from
+        // breaking the line format.
+        let manager_id: String = req
+            .manager_id
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let line = format!(
+            "{}\t{}\t{}\t{}\n",
+            req.msg_id, req.seq, req.attempt, manager_id
+        );
+        // `&File` is `Write`, so handlers share the file without a lock; O_APPEND makes each
+        // write land at the end. A short write would leave half a line: report it, never retry
+        // the rest, which would no longer be one write.
+        let written = (&self.file).write(line.as_bytes())?;
+        if written == line.len() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short write: {written} of {} bytes", line.len()),
+            ))
+        }
+    }
+}
+
+/// A SIGKILL can, rarely, cut a write short. End such a torn last line so the lines of this
+/// run start on a fresh line; readers skip the torn one.
+fn end_torn_line(file: &mut File) -> io::Result<()> {
+    if file.metadata()?.len() == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::End(-1))?;
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// The sim's state, shared by all calls.
+struct Sim {
+    node_id: String,
+    record: Option<Recorder>,
+    fail_rate: f64,
+    latency: Duration,
+    reject: HashSet<String>,
+    /// Broadcast calls received, whatever the answer.
+    received: AtomicU64,
+    /// Broadcast calls answered OK (and recorded).
+    answered_ok: AtomicU64,
+}
+
+#[tonic::async_trait]
+impl PushServer for Sim {
+    async fn broadcast(
+        &self,
+        request: Request<BroadCastReq>,
+    ) -> Result<Response<BroadCastReply>, Status> {
+        let req = request.into_inner();
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+
+        let id_ok = (1..=MAX_MSG_ID_BYTES).contains(&req.msg_id.len())
+            && req.msg_id.bytes().all(|b| b.is_ascii_graphic());
+        if !id_ok {
+            warn!(node = %self.node_id, msg_id = ?req.msg_id, "rejecting a malformed msg_id");
+            return Err(Status::invalid_argument(format!(
+                "msg_id {:?} is not 1 to {MAX_MSG_ID_BYTES} bytes of visible ASCII; \
+                 a push-manager always sets a valid one",
+                req.msg_id
+            )));
+        }
+        if self.reject.contains(&req.msg_id) {
+            debug!(node = %self.node_id, msg_id = %req.msg_id, "rejecting (--reject)");
+            return Err(Status::invalid_argument(format!(
+                "msg_id {} is on this sim's --reject list",
+                req.msg_id
+            )));
+        }
+        // The rng is a thread-local handle that must not live across an await; it doesn't.
+        if self.fail_rate > 0.0 && rand::thread_rng().gen_bool(self.fail_rate) {
+            debug!(node = %self.node_id, msg_id = %req.msg_id, "injected failure (--fail-rate)");
+            return Err(Status::unavailable(format!(
+                "injected failure (--fail-rate {})",
+                self.fail_rate
+            )));
+        }
+
+        if let Some(record) = &self.record {
+            // A small append to the page cache: not worth moving off the runtime thread.
+            record.append(&req).map_err(|e| {
+                warn!(node = %self.node_id, path = %record.path.display(), error = %e,
+                      "cannot write record file");
+                Status::internal(format!(
+                    "cannot write record file {}: {e}",
+                    record.path.display()
+                ))
+            })?;
+        }
+        self.answered_ok.fetch_add(1, Ordering::Relaxed);
+        debug!(node = %self.node_id, msg_id = %req.msg_id, seq = req.seq,
+               attempt = req.attempt, manager = %req.manager_id, "accepted");
+        Ok(Response::new(BroadCastReply {
+            msg_id: req.msg_id,
+            node_count: 0,
+            duplicate: false,
+        }))
+    }
+
+    async fn broadcast_batch(
+        &self,
+        _request: Request<BroadCastBatchReq>,
+    ) -> Result<Response<BroadCastBatchReply>, Status> {
+        Err(Status::unimplemented(
+            "connect-node-sim does not implement BroadcastBatch yet; send unary Broadcast calls",
+        ))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+
+    let record = args.record.as_deref().map(Recorder::open).transpose()?;
+    let sim = Arc::new(Sim {
+        node_id: args.node_id,
+        record,
+        fail_rate: args.fail_rate,
+        latency: Duration::from_millis(args.latency_ms),
+        reject: args.reject.into_iter().collect(),
+        received: AtomicU64::new(0),
+        answered_ok: AtomicU64::new(0),
+    });
+
+    // Install the handlers before announcing the address, so a signal sent as soon as the
+    // line is read is already a graceful stop.
+    let shutdown = shutdown_signal()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    announce(local)?;
+    info!(node = %sim.node_id, addr = %local, "serving broadcast.PushServer");
+
+    let service =
+        PushServerServer::from_arc(Arc::clone(&sim)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("the gRPC server failed")?;
+
+    eprintln!(
+        "connect-node-sim {}: received {} broadcasts, answered {} OK",
+        sim.node_id,
+        sim.received.load(Ordering::Relaxed),
+        sim.answered_ok.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+/// Prints the one stdout line tests wait for. A closed stdout is not an error: nobody is
+/// waiting for the line then.
+fn announce(local: SocketAddr) -> Result<()> {
+    let mut out = io::stdout().lock();
+    match writeln!(out, "listening on {local}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot print the listening address on stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
+/// the future is first polled.
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("Ctrl-C: shutting down"),
+        }
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => info!("Ctrl-C: shutting down"),
+            // Without a handler, keep serving until killed rather than stop at once.
+            Err(e) => {
+                warn!(error = %e, "cannot handle Ctrl-C");
+                std::future::pending::<()>().await
+            }
+        }
+    })
+}

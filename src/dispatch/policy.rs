@@ -108,7 +108,11 @@ mod tests {
         ] {
             assert_eq!(classify(c), Outcome::Retry, "{c:?}");
         }
-        for c in [Code::InvalidArgument, Code::FailedPrecondition, Code::OutOfRange] {
+        for c in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::OutOfRange,
+        ] {
             assert_eq!(classify(c), Outcome::Permanent, "{c:?}");
         }
         for c in [
@@ -132,7 +136,10 @@ mod tests {
         for _ in 0..20 {
             let d = b.next_backoff().expect("never gives up").as_secs_f64();
             let cap = nominal.min(max.as_secs_f64());
-            assert!(d >= cap * 0.5 - 1e-9 && d <= cap * 1.5 + 1e-9, "{d} vs {cap}");
+            assert!(
+                d >= cap * 0.5 - 1e-9 && d <= cap * 1.5 + 1e-9,
+                "{d} vs {cap}"
+            );
             nominal *= 2.0;
         }
         b.reset();

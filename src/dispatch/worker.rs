@@ -310,7 +310,9 @@ impl NodeWorker {
             mut entry,
             result,
         } = sent;
-        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
         let outcome = policy::classify(code);
         let now = Instant::now();
         if matches!(outcome, Outcome::Delivered | Outcome::Permanent)

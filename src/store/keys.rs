@@ -65,7 +65,10 @@ pub fn dedupe(msg_id: &str) -> Vec<u8> {
 
 /// `t/<accepted_at_ms><start>`
 pub fn round_index(accepted_at_ms: u64, start: u64) -> Vec<u8> {
-    with(ROUNDS, &[&accepted_at_ms.to_be_bytes(), &start.to_be_bytes()])
+    with(
+        ROUNDS,
+        &[&accepted_at_ms.to_be_bytes(), &start.to_be_bytes()],
+    )
 }
 
 /// The trailing big-endian `u64` of a key (a sequence number), if it has one.

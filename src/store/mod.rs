@@ -43,6 +43,8 @@ pub mod commit;
 pub mod keys;
 pub mod migrate;
 pub mod record;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -225,7 +227,10 @@ impl Store {
         match self.tree().get(key) {
             Ok(Some(v)) => record::decode(key, &v).map(Some),
             Ok(None) => Ok(None),
-            Err(e) => Err(StoreError::sled(format!("reading {}", keys::display(key)), e)),
+            Err(e) => Err(StoreError::sled(
+                format!("reading {}", keys::display(key)),
+                e,
+            )),
         }
     }
 
@@ -501,9 +506,10 @@ impl Store {
         let mut lwm = next_seq;
         for node in self.nodes()?.keys() {
             if let Some((start, rec)) = self.ranges(node, None, 1)?.into_iter().next() {
-                let first = rec.pending().next().map_or(start + u64::from(rec.len), |o| {
-                    start + u64::from(o)
-                });
+                let first = rec
+                    .pending()
+                    .next()
+                    .map_or(start + u64::from(rec.len), |o| start + u64::from(o));
                 lwm = lwm.min(first);
             }
         }
@@ -512,7 +518,11 @@ impl Store {
 
     /// Deletes message records with a sequence below `lwm`, at most `limit` per call.
     /// Callers must have synced the state `lwm` was computed from (invariant 3).
-    pub(crate) fn delete_messages_below(&self, lwm: u64, limit: usize) -> Result<usize, StoreError> {
+    pub(crate) fn delete_messages_below(
+        &self,
+        lwm: u64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for item in self

@@ -45,7 +45,10 @@ pub(crate) fn decode<T: Decode<()>>(key: &[u8], bytes: &[u8]) -> Result<T, Store
         reason,
     };
     if bytes.len() < HEADER_LEN {
-        return Err(corrupt(format!("record is {} bytes, shorter than its header", bytes.len())));
+        return Err(corrupt(format!(
+            "record is {} bytes, shorter than its header",
+            bytes.len()
+        )));
     }
     if bytes[0] != RECORD_VERSION {
         return Err(corrupt(format!(
@@ -121,7 +124,9 @@ impl RangeRecord {
     /// Whether the entry at `offset` is finished.
     pub fn is_done(&self, offset: u32) -> bool {
         let i = offset as usize;
-        self.done.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+        self.done
+            .get(i / 8)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
     }
 
     /// Marks the entry at `offset` finished.
@@ -209,10 +214,14 @@ mod tests {
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x40;
-            let err = decode::<DedupeRecord>(b"d/x", &bad).unwrap_err().to_string();
+            let err = decode::<DedupeRecord>(b"d/x", &bad)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("d/x"), "{err}");
         }
-        let err = decode::<DedupeRecord>(b"d/x", &bytes[..3]).unwrap_err().to_string();
+        let err = decode::<DedupeRecord>(b"d/x", &bytes[..3])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("shorter than its header"), "{err}");
     }
 

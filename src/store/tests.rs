@@ -1,0 +1,277 @@
+//! The store's invariants (module docs of `store`), tested through its public API.
+
+// Test code: a panic is a failed test with its message (see clippy.toml).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::commit::CommitOptions;
+use super::*;
+
+fn accept(id: &str, payload: Vec<u8>) -> Accept {
+    Accept {
+        msg_id: Some(id.to_string()),
+        topic: "t".into(),
+        headers: vec![("h".into(), "v".into())],
+        payload,
+        ttl_ms: 0,
+    }
+}
+
+fn opts() -> CommitOptions {
+    CommitOptions {
+        durability: Durability::Fsync,
+        dedupe_window: Duration::from_secs(600),
+    }
+}
+
+thread_local! {
+    /// Committer threads of this test, joined by [`join_committers`].
+    static THREADS: std::cell::RefCell<Vec<std::thread::JoinHandle<()>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Waits for the committers stopped so far to let go of the store.
+fn join_committers() {
+    for t in THREADS.with(|t| std::mem::take(&mut *t.borrow_mut())) {
+        t.join().unwrap();
+    }
+}
+
+/// Opens a store with `nodes` known and starts a committer on it.
+fn setup(dir: &std::path::Path, nodes: &[&str]) -> (Store, CommitHandle, watch::Receiver<u64>) {
+    let store = Store::open(dir).unwrap();
+    for n in nodes {
+        store.upsert_node(n, "127.0.0.1:1", true).unwrap();
+    }
+    let (tx, rx) = watch::channel(0);
+    let (handle, thread) = Committer::spawn(store.clone(), opts(), tx).unwrap();
+    THREADS.with(|t| t.borrow_mut().push(thread));
+    (store, handle, rx)
+}
+
+/// Marks every entry of `node` finished, as a worker does after deliveries.
+fn finish_all(store: &Store, node: &str) {
+    for (start, mut rec) in store.ranges(node, None, usize::MAX).unwrap() {
+        for o in 0..rec.len {
+            rec.set_done(o);
+        }
+        store.save_range(node, start, &rec).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn round_is_complete_for_every_node_and_dedupe_points_at_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, committed) = setup(dir.path(), &["a", "b", "c"]);
+    let replies = futures::future::join_all(
+        (0..50).map(|i| commit.accept(accept(&format!("m{i}"), vec![i as u8; 100]))),
+    )
+    .await;
+    for r in &replies {
+        let r = r.as_ref().unwrap();
+        assert_eq!((r.node_count, r.duplicate), (3, false));
+    }
+    assert_eq!(
+        *committed.borrow(),
+        50,
+        "workers are told up to the last sequence"
+    );
+    for i in 0..50 {
+        let d = store
+            .dedupe(&format!("m{i}"))
+            .unwrap()
+            .expect("dedupe entry");
+        let m = store
+            .message(d.seq)
+            .unwrap()
+            .expect("message of a dedupe entry");
+        assert_eq!(m.msg_id, format!("m{i}"));
+        assert_eq!(m.headers, vec![("h".to_string(), "v".to_string())]);
+    }
+    for n in ["a", "b", "c"] {
+        let pending: usize = store
+            .ranges(n, None, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|(_, r)| r.pending().count())
+            .sum();
+        assert_eq!(pending, 50, "node {n} has every message");
+    }
+    // Fewer range records than messages: fan-out is per round, not per message.
+    assert!(store.ranges("a", None, usize::MAX).unwrap().len() <= 50);
+}
+
+#[tokio::test]
+async fn duplicates_repeat_the_original_count_and_queue_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _) = setup(dir.path(), &["a", "b"]);
+    let first = commit.accept(accept("x", vec![1])).await.unwrap();
+    store.upsert_node("c", "127.0.0.1:2", false).unwrap();
+    let again = commit.accept(accept("x", vec![2, 2])).await.unwrap();
+    assert_eq!(first.node_count, 2);
+    assert_eq!((again.node_count, again.duplicate), (2, true));
+    assert!(
+        store.ranges("c", None, 10).unwrap().is_empty(),
+        "a late node gets nothing old"
+    );
+    // Two copies of one msg_id in the same round: one accepted, one duplicate.
+    let (r1, r2) = tokio::join!(
+        commit.accept(accept("y", vec![1])),
+        commit.accept(accept("y", vec![1]))
+    );
+    let dups = [r1.unwrap().duplicate, r2.unwrap().duplicate];
+    assert_eq!(dups.iter().filter(|d| **d).count(), 1, "{dups:?}");
+}
+
+#[tokio::test]
+async fn no_nodes_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _) = setup(dir.path(), &[]);
+    assert_eq!(
+        commit.accept(accept("x", vec![1])).await,
+        Err(CommitError::NoNodes)
+    );
+    assert_eq!(store.dedupe("x").unwrap(), None);
+    assert_eq!(store.message_count(), 0);
+}
+
+#[tokio::test]
+async fn acked_messages_survive_reopen_with_assigned_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = {
+        let (_store, commit, _) = setup(dir.path(), &["a"]);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let mut a = accept("", vec![9; 10]);
+            a.msg_id = None;
+            ids.push(commit.accept(a).await.unwrap().msg_id);
+        }
+        commit.stop().await.unwrap();
+        ids
+    };
+    join_committers();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(&*store.known_nodes(), &["a".to_string()]);
+    for id in &ids {
+        assert!(store.dedupe(id).unwrap().is_some(), "{id} survived");
+    }
+    assert_eq!(store.next_seq().unwrap(), 4, "sequence numbers continue");
+}
+
+#[tokio::test]
+async fn payload_is_kept_until_every_node_is_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _) = setup(dir.path(), &["a", "b"]);
+    commit.accept(accept("x", vec![1; 10])).await.unwrap();
+    let next = store.next_seq().unwrap();
+    finish_all(&store, "a");
+    let lwm = store.low_water_mark(next).unwrap();
+    assert_eq!(
+        store.delete_messages_below(lwm, 100).unwrap(),
+        0,
+        "b still needs it"
+    );
+    assert_eq!(store.message_count(), 1);
+    finish_all(&store, "b");
+    let lwm = store.low_water_mark(next).unwrap();
+    assert_eq!(store.delete_messages_below(lwm, 100).unwrap(), 1);
+    assert_eq!(store.message_count(), 0);
+}
+
+#[tokio::test]
+async fn dead_letters_keep_a_full_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _) = setup(dir.path(), &["a"]);
+    commit.accept(accept("x", vec![5; 3])).await.unwrap();
+    let (start, range) = store.ranges("a", None, 1).unwrap().remove(0);
+    let mut done = range.clone();
+    done.set_done(0);
+    let msg = store.message(start).unwrap();
+    let dead = DeadLetterRecord {
+        seq: start,
+        message: msg.clone(),
+        attempts: 5,
+        reason: "InvalidArgument: no".into(),
+        dead_at_ms: now_ms(),
+    };
+    store.dead_letter("a", start, &done, &dead).unwrap();
+    assert!(store.ranges("a", None, 10).unwrap().is_empty());
+    assert_eq!(store.dead_letters("a").unwrap(), vec![dead]);
+    // The live queue no longer needs the payload; the dead letter has its own copy.
+    let lwm = store.low_water_mark(store.next_seq().unwrap()).unwrap();
+    store.delete_messages_below(lwm, 10).unwrap();
+    assert_eq!(store.dead_letters("a").unwrap()[0].message, msg);
+}
+
+#[tokio::test]
+async fn a_payload_at_the_limit_is_stored_and_synced() {
+    // Items this large go to sled's blobs/ directory; `sync` fsyncs those files too.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _) = setup(dir.path(), &["a"]);
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
+    commit.accept(accept("big", payload.clone())).await.unwrap();
+    commit.stop().await.unwrap();
+    let seq = store.dedupe("big").unwrap().unwrap().seq;
+    assert_eq!(store.message(seq).unwrap().unwrap().payload, payload);
+    let synced = store.inner.synced_blobs.lock().unwrap().len();
+    assert!(
+        synced > 0,
+        "the large record went through a blob file that was fsynced"
+    );
+}
+
+#[test]
+fn newer_format_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        migrate::force_format(store.tree(), migrate::CURRENT_FORMAT + 1).unwrap();
+    }
+    let err = Store::open(dir.path()).err().expect("refused").to_string();
+    assert!(
+        err.contains(&format!("store format {}", migrate::CURRENT_FORMAT + 1)),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("({})", migrate::CURRENT_FORMAT)),
+        "{err}"
+    );
+}
+
+#[test]
+fn new_store_is_migrated_to_the_current_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        migrate::format_version(store.tree()).unwrap(),
+        migrate::CURRENT_FORMAT
+    );
+    assert_eq!(store.next_seq().unwrap(), 1);
+}
+
+#[test]
+fn a_second_open_is_refused_as_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path()).err().expect("locked");
+    assert_eq!(err.code(), "locked", "{err}");
+}
+
+#[test]
+fn a_garbled_record_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.upsert_node("a", "127.0.0.1:1", false).unwrap();
+    store
+        .tree()
+        .insert(keys::message(7), &b"\x01garbage"[..])
+        .unwrap();
+    let err = store.message(7).unwrap_err().to_string();
+    assert!(err.contains("m/7"), "{err}");
+    store.tree().insert(keys::node("b"), &b"\x09"[..]).unwrap();
+    let err = store.nodes().unwrap_err().to_string();
+    assert!(err.contains("n/b"), "{err}");
+}
