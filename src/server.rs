@@ -114,7 +114,7 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         workers_stop,
     );
     for (id, rec) in store.nodes().map_err(store_err)? {
-        dispatcher.node_seen(&id, &rec.addr, true);
+        dispatcher.node_seen(&id, &rec.addr, rec.held);
     }
 
     let draining = CancellationToken::new();

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::NodeClient;
 use super::policy::{self, Outcome, Ttl};
-use super::{DeliveryConfig, NodeTarget};
+use super::{DeliveryConfig, NodeState, NodeStatus, NodeTarget};
 use crate::store::{now_ms, DeadLetterRecord, MessageRecord, RangeRecord, Store, StoreError};
 
 /// How often partial progress on a range is written back.
@@ -64,6 +64,7 @@ pub(super) struct NodeWorker {
     pub(super) cfg: Arc<DeliveryConfig>,
     pub(super) committed: watch::Receiver<u64>,
     pub(super) target: watch::Receiver<NodeTarget>,
+    pub(super) status: watch::Sender<NodeStatus>,
     pub(super) shutdown: CancellationToken,
 }
 
@@ -89,6 +90,8 @@ struct State {
     /// does not escalate it again.
     epoch: u64,
     last_write_back: Instant,
+    /// The node's last failure, for the status.
+    last_error: Option<String>,
 }
 
 impl NodeWorker {
@@ -108,6 +111,7 @@ impl NodeWorker {
             blocked_until: None,
             epoch: 0,
             last_write_back: Instant::now(),
+            last_error: None,
         };
         self.connect(&mut st);
         let mut in_flight = FuturesUnordered::new();
@@ -139,6 +143,7 @@ impl NodeWorker {
                 _ = tokio::time::sleep_until(wake) => {}
             }
             self.write_back(&mut st, false);
+            self.publish(&st);
         }
         while let Some(sent) = in_flight.next().await {
             self.on_sent(&mut st, sent);
@@ -212,7 +217,7 @@ impl NodeWorker {
         st: &mut State,
         in_flight: &mut FuturesUnordered<futures::future::BoxFuture<'static, Sent>>,
     ) {
-        if !st.target.active {
+        if !st.target.delivers() {
             return;
         }
         let Some(client) = st.client.clone() else {
@@ -326,6 +331,7 @@ impl NodeWorker {
             Outcome::Retry | Outcome::NodeProblem => {
                 let status = result.err();
                 let message = status.as_ref().map_or("", |s| s.message());
+                st.last_error = Some(format!("{code:?}: {message}"));
                 if outcome == Outcome::NodeProblem {
                     tracing::warn!(node = %self.node, ?code, message, "node refuses deliveries");
                 }
@@ -471,6 +477,43 @@ impl NodeWorker {
                 st.dirty.insert(start);
             }
         }
+    }
+
+    /// Publishes the node's status if it changed.
+    fn publish(&self, st: &State) {
+        let now = Instant::now();
+        let backing_off = st.blocked_until.is_some_and(|t| t > now);
+        let state = if st.target.held {
+            NodeState::Held
+        } else if !st.target.online {
+            NodeState::Offline
+        } else if backing_off {
+            NodeState::Backoff
+        } else {
+            NodeState::Online
+        };
+        let backoff_until = st
+            .blocked_until
+            .filter(|_| backing_off)
+            .map(|t| std::time::SystemTime::now() + (t - now));
+        self.status.send_if_modified(|s| {
+            let changed = s.state != state
+                || s.addr != st.target.addr
+                || s.last_error != st.last_error
+                || (s.backoff_until.is_some() != backoff_until.is_some());
+            if changed {
+                if s.state != state {
+                    tracing::info!(node = %self.node, from = s.state.label(), to = state.label(), "node state");
+                }
+                *s = NodeStatus {
+                    state,
+                    addr: st.target.addr.clone(),
+                    backoff_until,
+                    last_error: st.last_error.clone(),
+                };
+            }
+            changed
+        });
     }
 
     /// The next instant something is due: backoff end, a waiting entry, or write-back.

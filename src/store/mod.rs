@@ -343,6 +343,7 @@ impl Store {
                 first_seen_ms: 0,
                 last_seen_ms: 0,
                 is_static: false,
+                held: false,
             });
         }
         Ok(out)
@@ -378,6 +379,7 @@ impl Store {
                 first_seen_ms: now,
                 last_seen_ms: now,
                 is_static,
+                held: false,
             },
         };
         self.put(&keys::node(id), &rec)?;
@@ -388,6 +390,19 @@ impl Store {
             self.set_known(known);
         }
         Ok(())
+    }
+
+    /// Pauses or resumes deliveries to a known node, durably. Returns false if the node
+    /// is unknown.
+    pub fn set_held(&self, id: &str, held: bool) -> Result<bool, StoreError> {
+        let key = keys::node(id);
+        let Some(mut rec) = self.get::<NodeRecord>(&key)? else {
+            return Ok(false);
+        };
+        rec.held = held;
+        self.put(&key, &rec)?;
+        self.sync()?;
+        Ok(true)
     }
 
     // ----- dedupe -----

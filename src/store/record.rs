@@ -176,6 +176,8 @@ pub struct NodeRecord {
     pub last_seen_ms: u64,
     /// Configured with `--static-node`: never retired.
     pub is_static: bool,
+    /// Deliveries paused by an operator (admin `HoldNode`); survives restarts.
+    pub held: bool,
 }
 
 /// A dedupe entry (key `d/<msg_id>`).
