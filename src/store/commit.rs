@@ -278,7 +278,7 @@ impl Committer {
 
         if seq > start {
             let len = (seq - start) as u32;
-            let written = (|| -> Result<(), StoreError> {
+            let applied = (|| -> Result<(), StoreError> {
                 let range = record::encode(&RangeRecord::new(len))?;
                 for node in nodes.iter() {
                     batch.insert(keys::range(node, start), range.clone());
@@ -288,18 +288,20 @@ impl Committer {
                     record::encode(&RoundIndex { msg_ids: ids })?,
                 );
                 batch.insert(keys::META_NEXT_SEQ, record::encode(&seq)?);
-                self.store.apply(batch, "writing a commit round")?;
-                if self.opts.durability == Durability::Fsync {
-                    self.store.sync()?;
-                }
-                Ok(())
+                self.store.apply(batch, "writing a commit round")
             })();
-            match written {
-                Ok(()) => self.next_seq = seq,
-                Err(e) => {
-                    tracing::error!(error = %e, "commit round failed; its callers get UNAVAILABLE");
-                    failure = Some(e.to_string());
-                }
+            // Once the batch is applied its sequence numbers are taken, even if the sync
+            // fails: reusing them would overwrite records that may yet reach the disk.
+            if applied.is_ok() {
+                self.next_seq = seq;
+            }
+            let durable = applied.and_then(|()| match self.opts.durability {
+                Durability::Fsync => self.store.sync(),
+                Durability::Buffered => Ok(()),
+            });
+            if let Err(e) = durable {
+                tracing::error!(error = %e, "commit round failed; its callers get UNAVAILABLE");
+                failure = Some(e.to_string());
             }
         }
 

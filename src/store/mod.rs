@@ -44,6 +44,8 @@ pub mod keys;
 pub mod migrate;
 pub mod record;
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
