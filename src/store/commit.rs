@@ -260,15 +260,14 @@ impl Committer {
                 node_count,
                 accepted_at_ms: now,
             };
-            match (record::encode(&message), record::encode(&dedupe)) {
-                (Ok(m), Ok(d)) => {
-                    batch.insert(keys::message(seq), m);
-                    batch.insert(keys::dedupe(&msg_id), d);
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    let _ = tx.send(Err(CommitError::Store(e.to_string())));
-                    continue;
-                }
+            let written = record::encode(&dedupe).and_then(|d| {
+                Store::put_message(&mut batch, seq, &message)?;
+                batch.insert(keys::dedupe(&msg_id), d);
+                Ok(())
+            });
+            if let Err(e) = written {
+                let _ = tx.send(Err(CommitError::Store(e.to_string())));
+                continue;
             }
             seq += 1;
             in_round.insert(msg_id.clone(), node_count);

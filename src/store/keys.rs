@@ -33,6 +33,11 @@ pub fn message(seq: u64) -> Vec<u8> {
     with(MESSAGES, &[&seq.to_be_bytes()])
 }
 
+/// `m/<seq><index>`: continuation chunk `index` (from 1) of a message record.
+pub fn message_chunk(seq: u64, index: u32) -> Vec<u8> {
+    with(MESSAGES, &[&seq.to_be_bytes(), &index.to_be_bytes()])
+}
+
 /// `q/<node>\0`: every range of one node.
 pub fn range_prefix(node: &str) -> Vec<u8> {
     with(QUEUES, &[node.as_bytes(), b"\0"])

@@ -6,9 +6,11 @@
 //! 1. **Nothing is acked before the fsync that covers all of its writes.** Only the
 //!    [`commit`] committer writes new messages, and in [`Durability::Fsync`] mode it answers
 //!    a round's callers only after [`Store::sync`] returned: sled's `flush()` (which ends in
-//!    `sync_file_range`, enough against a process crash but not a power cut), then `fsync` of
-//!    every new file under `blobs/` and of that directory (sled writes large pages there and
-//!    never syncs them), then `fdatasync` of sled's log file.
+//!    `sync_file_range`, enough against a process crash but not a power cut), then
+//!    `fdatasync` of sled's log file. sled writes any page over a quarter of its segment
+//!    size to a file under `blobs/` that it never fsyncs; message records are therefore
+//!    chunked ([`record::MESSAGE_CHUNK`]) and segments are 8 MiB, so no page gets near
+//!    that, and `sync` still fsyncs any blob file that appears, and its directory.
 //! 2. **After any crash a message is fully enqueued for all its nodes, or not visible at
 //!    all, and its dedupe entry never exists without it.** A commit round is one sled `Batch`
 //!    on one tree (sled recovers a batch atomically): the message records, their dedupe
@@ -29,7 +31,8 @@
 //! meta/format              u32            store format version
 //! meta/manager_id          String         the manager this data dir belongs to
 //! meta/next_seq            u64            next sequence number (written in every round)
-//! m/<seq>                  MessageRecord  payload and metadata, one per message
+//! m/<seq>                  MessageHead    a message record's first chunk
+//! m/<seq><index>           Vec<u8>        its further chunks (records over 64 KiB)
 //! q/<node>\0<start>        RangeRecord    a node's share of one commit round
 //! l/<node>\0<seq>          DeadLetterRecord
 //! n/<node>                 NodeRecord     known nodes
@@ -42,9 +45,9 @@
 pub mod commit;
 pub mod keys;
 pub mod migrate;
-pub mod record;
 #[cfg(test)]
 mod model_tests;
+pub mod record;
 #[cfg(test)]
 mod tests;
 
@@ -154,6 +157,11 @@ impl StoreError {
 /// When a commit round answers its callers relative to the fsync; see [`commit`].
 pub use crate::config::Durability;
 
+/// sled's segment size. sled writes a page larger than a quarter of it to a blob file of its
+/// own, which it never fsyncs; message records are chunked ([`record::MESSAGE_CHUNK`]) so
+/// that no page comes near a quarter of this.
+const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
+
 /// Handle to an open store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -185,14 +193,18 @@ impl Store {
         let dir = data_dir.join("store");
         std::fs::create_dir_all(&dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
-        let db = sled::Config::new().path(&dir).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                StoreError::Locked {
-                    dir: data_dir.to_path_buf(),
+        let db = sled::Config::new()
+            .path(&dir)
+            .segment_size(SEGMENT_SIZE)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked {
+                        dir: data_dir.to_path_buf(),
+                    }
                 }
-            }
-            other => StoreError::sled(format!("opening {}", dir.display()), other),
-        })?;
+                other => StoreError::sled(format!("opening {}", dir.display()), other),
+            })?;
         migrate::run(&db)?;
         let log_path = dir.join("db");
         let log_file = File::open(&log_path)
@@ -470,7 +482,31 @@ impl Store {
 
     /// The message with sequence `seq`; `Ok(None)` if it does not exist.
     pub fn message(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
-        self.get(&keys::message(seq))
+        let key = keys::message(seq);
+        let Some(head) = self.get::<record::MessageHead>(&key)? else {
+            return Ok(None);
+        };
+        let chunks = head.chunks;
+        let rest = (1..chunks).map(|i| {
+            let k = keys::message_chunk(seq, i);
+            self.get::<Vec<u8>>(&k)?.ok_or_else(|| StoreError::Corrupt {
+                key: keys::display(&key),
+                reason: format!("chunk {i} of {chunks} is missing"),
+            })
+        });
+        record::decode_message(&key, head, rest).map(Some)
+    }
+
+    /// Adds the writes of message `seq` to `batch`.
+    fn put_message(
+        batch: &mut sled::Batch,
+        seq: u64,
+        msg: &MessageRecord,
+    ) -> Result<(), StoreError> {
+        for (k, v) in record::encode_message(seq, msg)? {
+            batch.insert(k, v);
+        }
+        Ok(())
     }
 
     /// Saves a node's progress on one range, deleting the range once it is complete.
@@ -559,7 +595,12 @@ impl Store {
 
     /// Number of message records stored (for tests and tools; walks the keyspace).
     pub fn message_count(&self) -> usize {
-        self.tree().scan_prefix(keys::MESSAGES).count()
+        let head_len = keys::message(0).len();
+        self.tree()
+            .scan_prefix(keys::MESSAGES)
+            .keys()
+            .filter(|k| k.as_ref().is_ok_and(|k| k.len() == head_len))
+            .count()
     }
 }
 

@@ -58,7 +58,16 @@ struct Live {
 }
 
 fn open(dir: &std::path::Path) -> Live {
-    let store = Store::open(dir).unwrap();
+    // sled's I/O threads may hold the file lock a moment after the last handle is dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match Store::open(dir) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => break other.unwrap(),
+        }
+    };
     for n in NODES {
         store.upsert_node(n, "127.0.0.1:1", true).unwrap();
     }
@@ -105,12 +114,20 @@ fn check(store: &Store, model: &Model) {
             for o in rec.pending() {
                 let seq = start + u64::from(o);
                 // Invariant 3: a pending entry's payload is still there.
-                let m = store.message(seq).unwrap().expect("payload of a pending entry");
+                let m = store
+                    .message(seq)
+                    .unwrap()
+                    .expect("payload of a pending entry");
                 pending.insert(seq, m.msg_id);
             }
         }
         assert_eq!(pending, model.pending[i], "pending of node {node}");
-        let dead: BTreeSet<u64> = store.dead_letters(node).unwrap().iter().map(|d| d.seq).collect();
+        let dead: BTreeSet<u64> = store
+            .dead_letters(node)
+            .unwrap()
+            .iter()
+            .map(|d| d.seq)
+            .collect();
         assert_eq!(dead, model.dead[i], "dead letters of node {node}");
         for d in store.dead_letters(node).unwrap() {
             assert!(d.message.is_some(), "a dead letter keeps a full copy");
@@ -118,12 +135,18 @@ fn check(store: &Store, model: &Model) {
     }
     // Invariant 2: every accepted msg_id has its dedupe entry pointing at its sequence.
     for (id, seq) in &model.accepted {
-        assert_eq!(store.dedupe(id).unwrap().map(|d| d.seq), Some(*seq), "dedupe of {id}");
+        assert_eq!(
+            store.dedupe(id).unwrap().map(|d| d.seq),
+            Some(*seq),
+            "dedupe of {id}"
+        );
     }
 }
 
 fn run(actions: Vec<Action>) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut live = Some(open(dir.path()));
     let mut model = Model::default();
@@ -170,7 +193,11 @@ fn run(actions: Vec<Action>) {
                 l.store.delete_messages_below(lwm, usize::MAX).unwrap();
             }
             Action::Restart => {
-                let Live { store, commit, thread } = live.take().unwrap();
+                let Live {
+                    store,
+                    commit,
+                    thread,
+                } = live.take().unwrap();
                 rt.block_on(commit.stop()).unwrap();
                 thread.join().unwrap();
                 drop(store);
