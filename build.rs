@@ -4,6 +4,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/broadcast.proto"], &["proto"])?;
+    // Every proto compiled here also lands in one descriptor set, which the server hands to
+    // gRPC reflection (`crate::proto::FILE_DESCRIPTOR_SET`).
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("push_manager_descriptor.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptors)
+        .compile_protos(&["proto/broadcast.proto", "proto/admin.proto"], &["proto"])?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! The client side: connecting to a manager and `push-manager send`.
+//! The client side: connecting to a manager, spreading broadcasts over the managers
+//! registered in etcd ([`ManagerPool`]), and `push-manager send`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -6,8 +7,9 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::discovery::{resolve_managers, DiscoveryError, EtcdSettings, ManagerEndpoint};
 use crate::proto::push_server_client::PushServerClient;
-use crate::proto::BroadCastReq;
+use crate::proto::{BroadCastReply, BroadCastReq};
 
 /// Errors of the client commands.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,18 @@ pub enum ClientError {
     /// Writing the replies failed (other than a closed pipe, which is not an error).
     #[error("cannot write output: {0}")]
     Output(#[source] std::io::Error),
+    /// The managers could not be looked up in etcd.
+    #[error("cannot look up push-managers in etcd: {0}")]
+    Discovery(#[from] DiscoveryError),
+    /// etcd answered, but no push-manager is registered there.
+    #[error(
+        "no push-manager is registered in etcd at {etcd} (under /services/push-manager/); \
+         is one running with --etcd?"
+    )]
+    NoManagers {
+        /// The etcd endpoints asked.
+        etcd: String,
+    },
 }
 
 /// Connects to a manager at `addr` (`host:port`), failing after `timeout`.
@@ -61,12 +75,119 @@ pub async fn connect(
     Ok(PushServerClient::new(channel))
 }
 
+/// Broadcasts spread over several push-managers, for Rust callers and `push-manager send
+/// --etcd`: calls go round robin; a manager that cannot be reached, or answers UNAVAILABLE
+/// (shutting down, no node known, store trouble), is passed over for the next one. Each
+/// accepted message lives on the one manager that acked it. A call that failed in flight
+/// and is retried on another manager may be delivered twice (nodes dedupe by `msg_id`).
+pub struct ManagerPool {
+    managers: Vec<ManagerEndpoint>,
+    clients: Vec<Option<PushServerClient<Channel>>>,
+    next: usize,
+    timeout: Duration,
+}
+
+impl ManagerPool {
+    /// A pool over `managers`, connecting lazily, each call bounded by `timeout`.
+    pub fn new(managers: Vec<ManagerEndpoint>, timeout: Duration) -> Self {
+        let clients = managers.iter().map(|_| None).collect();
+        ManagerPool {
+            managers,
+            clients,
+            next: 0,
+            timeout,
+        }
+    }
+
+    /// A pool over the managers registered in etcd now
+    /// ([`crate::discovery::resolve_managers`]); none registered is
+    /// [`ClientError::NoManagers`].
+    pub async fn from_etcd(
+        settings: &EtcdSettings,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let managers = resolve_managers(settings).await?;
+        if managers.is_empty() {
+            return Err(ClientError::NoManagers {
+                etcd: settings.describe(),
+            });
+        }
+        Ok(Self::new(managers, timeout))
+    }
+
+    /// The managers, in the order calls rotate over them.
+    pub fn managers(&self) -> &[ManagerEndpoint] {
+        &self.managers
+    }
+
+    /// Sends one broadcast to the next manager in turn (see the type's docs); returns the
+    /// reply and the manager that gave it.
+    pub async fn broadcast(
+        &mut self,
+        req: BroadCastReq,
+    ) -> Result<(BroadCastReply, &ManagerEndpoint), ClientError> {
+        let n = self.managers.len();
+        let mut last = None;
+        for attempt in 0..n {
+            let i = (self.next + attempt) % n;
+            let mut client = match &self.clients[i] {
+                Some(c) => c.clone(),
+                None => match connect(&self.managers[i].addr, self.timeout).await {
+                    Ok(c) => {
+                        self.clients[i] = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                },
+            };
+            match client.broadcast(req.clone()).await {
+                Ok(reply) => {
+                    self.next = (i + 1) % n;
+                    return Ok((reply.into_inner(), &self.managers[i]));
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable && attempt + 1 < n => {
+                    tracing::debug!(manager = %self.managers[i].manager_id, status = %s,
+                                    "manager unavailable; trying the next");
+                    self.clients[i] = None;
+                    last = Some(ClientError::Refused {
+                        code: s.code(),
+                        message: s.message().to_string(),
+                    });
+                }
+                Err(s) => {
+                    self.next = (i + 1) % n;
+                    return Err(ClientError::Refused {
+                        code: s.code(),
+                        message: s.message().to_string(),
+                    });
+                }
+            }
+        }
+        Err(last.unwrap_or(ClientError::NoManagers {
+            etcd: "(empty manager list)".into(),
+        }))
+    }
+}
+
 /// `push-manager send`: broadcast one or more messages and print each reply.
 #[derive(clap::Args, Debug)]
 pub struct SendArgs {
-    /// The manager's address.
+    /// The manager's address (ignored with --etcd).
     #[arg(long, env = "PUSH_MANAGER_SERVER", default_value = "127.0.0.1:50051")]
     pub server: String,
+    /// Find the managers in etcd instead (keys under /services/push-manager/) and spread the
+    /// broadcasts over them; each reply line then names the manager that acked it.
+    #[arg(long, value_name = "URL[,URL]", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd user, with --etcd-password.
+    #[arg(long, value_name = "USER", env = "PUSH_MANAGER_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// Password of --etcd-user (prefer the env var: a flag shows in the process list).
+    #[arg(long, value_name = "PASSWORD", env = "PUSH_MANAGER_ETCD_PASSWORD")]
+    pub etcd_password: Option<String>,
     /// Idempotency key; with --count N > 1, `-1` .. `-N` is appended. Default: the manager
     /// assigns one.
     #[arg(long)]
@@ -121,10 +242,26 @@ impl SendArgs {
     }
 }
 
-/// Runs `send`: one line per reply on stdout, `msg_id=.. node_count=.. duplicate=..`.
+/// Runs `send`: one line per reply on stdout, `msg_id=.. node_count=.. duplicate=..`
+/// (with `--etcd`, followed by `manager=<manager_id>`).
 pub async fn send(args: SendArgs) -> Result<(), ClientError> {
     let payload = args.read_payload()?;
-    let mut client = connect(&args.server, args.timeout).await?;
+    let with_etcd = !args.etcd.is_empty();
+    let mut pool = if with_etcd {
+        let mut settings = EtcdSettings::new(args.etcd.clone());
+        settings.user = args.etcd_user.clone();
+        settings.password = args.etcd_password.clone();
+        ManagerPool::from_etcd(&settings, args.timeout).await?
+    } else {
+        let server = ManagerEndpoint {
+            manager_id: String::new(),
+            addr: args.server.clone(),
+        };
+        let mut pool = ManagerPool::new(vec![server], args.timeout);
+        // Connect now, so an unreachable server is reported as such before any send.
+        pool.clients[0] = Some(connect(&args.server, args.timeout).await?);
+        pool
+    };
     let mut out = std::io::stdout().lock();
     for i in 1..=args.count {
         let msg_id = match &args.msg_id {
@@ -140,19 +277,20 @@ pub async fn send(args: SendArgs) -> Result<(), ClientError> {
             headers: args.headers.iter().cloned().collect(),
             ..Default::default()
         };
-        let reply = client
-            .broadcast(req)
-            .await
-            .map_err(|s| ClientError::Refused {
-                code: s.code(),
-                message: s.message().to_string(),
-            })?
-            .into_inner();
-        let line = writeln!(
-            out,
-            "msg_id={} node_count={} duplicate={}",
-            reply.msg_id, reply.node_count, reply.duplicate
-        );
+        let (reply, manager) = pool.broadcast(req).await?;
+        let line = if with_etcd {
+            writeln!(
+                out,
+                "msg_id={} node_count={} duplicate={} manager={}",
+                reply.msg_id, reply.node_count, reply.duplicate, manager.manager_id
+            )
+        } else {
+            writeln!(
+                out,
+                "msg_id={} node_count={} duplicate={}",
+                reply.msg_id, reply.node_count, reply.duplicate
+            )
+        };
         match line {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
             other => other.map_err(ClientError::Output)?,

@@ -101,6 +101,15 @@ pub struct ServeArgs {
     )]
     pub etcd: Vec<String>,
 
+    /// User for etcd authentication; needs --etcd-password [default: none, no auth]
+    #[arg(long, value_name = "USER", env = "PUSH_MANAGER_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// Password of --etcd-user; prefer the env var or the config file, since a flag shows
+    /// in the process list [default: none]
+    #[arg(long, value_name = "PASSWORD", env = "PUSH_MANAGER_ETCD_PASSWORD")]
+    pub etcd_password: Option<String>,
+
     /// etcd key prefix under which connect-nodes register [default: /services/connect-node/]
     #[arg(long, value_name = "PREFIX", env = "PUSH_MANAGER_NODE_PREFIX")]
     pub node_prefix: Option<String>,
@@ -215,6 +224,24 @@ pub struct ServeArgs {
         value_parser = parse_duration,
     )]
     pub lease_ttl: Option<Duration>,
+
+    /// Log format on stderr: text (readable lines) or json (one object per line); RUST_LOG
+    /// filters either, e.g. RUST_LOG=push_manager=debug [default: text]
+    #[arg(long, value_name = "FORMAT", env = "PUSH_MANAGER_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Do not serve the admin API (proto/admin.proto: ListNodes, PeekQueue, ReplayDeadLetters,
+    /// PurgeQueue, HoldNode, ReleaseNode, Drain) on the listen address; `--no-admin` alone
+    /// means true [default: false, the admin API is served]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        env = "PUSH_MANAGER_NO_ADMIN",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub no_admin: Option<bool>,
 }
 
 /// The validated `serve` configuration: every option has its final value.
@@ -226,6 +253,10 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// etcd endpoints; empty means no etcd (static nodes only).
     pub etcd: Vec<String>,
+    /// etcd user; set together with `etcd_password`.
+    pub etcd_user: Option<String>,
+    /// Password of `etcd_user`; redacted when the config is printed.
+    pub etcd_password: Option<Secret>,
     /// etcd key prefix of connect-node registrations; ends in `/`.
     pub node_prefix: String,
     /// Fixed connect-nodes, with unique ids.
@@ -260,6 +291,10 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     /// TTL of the manager's etcd lease; at least one second (etcd leases count whole seconds).
     pub lease_ttl: Duration,
+    /// How log lines are written to stderr.
+    pub log_format: LogFormat,
+    /// Serve the admin API on the listen address (false with `--no-admin`).
+    pub admin: bool,
 }
 
 /// A fixed connect-node, written `ID=ADDR` (`node-a=127.0.0.1:7001`).
@@ -302,6 +337,24 @@ impl StaticNode {
     }
 }
 
+/// A secret (the etcd password): compared and cloned like a string, but printed as
+/// `<redacted>`, so that logging a config never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// When the manager acks an accepted broadcast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -312,6 +365,17 @@ pub enum Durability {
     /// kernel crash may lose the last moments of acked messages (a process crash loses
     /// nothing).
     Buffered,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines (the default); colored when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// Why the `serve` configuration could not be built. Each message names the
@@ -471,7 +535,7 @@ pub fn validate_node_id(id: &str) -> Result<(), String> {
 
 /// Checks `host:port` as a delivery or advertised address: an IP socket
 /// address (IPv6 in brackets) or a host name, and a port from 1 to 65535.
-fn validate_host_port(s: &str) -> Result<(), String> {
+pub fn validate_host_port(s: &str) -> Result<(), String> {
     const EXAMPLE: &str = "expected host:port, e.g. 127.0.0.1:7001";
     if s.is_empty() {
         return Err(format!("address is empty; {EXAMPLE}"));
@@ -555,6 +619,32 @@ impl ServeArgs {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
+
+        let (etcd_user, o_user) = pick_opt(self.etcd_user, file.etcd_user);
+        let (etcd_password, o_pass) = pick_opt(self.etcd_password, file.etcd_password);
+        match (&etcd_user, &etcd_password) {
+            (Some(user), None) => {
+                return Err(m.invalid(
+                    "--etcd-user",
+                    user,
+                    o_user,
+                    "has no password; give --etcd-password (or PUSH_MANAGER_ETCD_PASSWORD)".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(m.invalid(
+                    "--etcd-password",
+                    "<redacted>",
+                    o_pass,
+                    "is given without --etcd-user".into(),
+                ))
+            }
+            (Some(user), Some(_)) if user.is_empty() => {
+                return Err(m.invalid("--etcd-user", user, o_user, "is empty".into()))
+            }
+            _ => {}
+        }
+        let etcd_password = etcd_password.map(Secret);
 
         let (node_prefix, o) = pick(
             self.node_prefix,
@@ -694,6 +784,8 @@ impl ServeArgs {
         )?;
 
         let durability = pick(self.durability, file.durability, Durability::Fsync).0;
+        let log_format = pick(self.log_format, file.log_format, LogFormat::Text).0;
+        let admin = !pick(self.no_admin, file.no_admin, false).0;
 
         let (disk_quota, o) = pick_opt(self.disk_quota, file.disk_quota.map(|FileSize(n)| n));
         if let Some(quota) = disk_quota {
@@ -710,6 +802,8 @@ impl ServeArgs {
             listen,
             data_dir,
             etcd,
+            etcd_user,
+            etcd_password,
             node_prefix,
             static_nodes,
             manager_id,
@@ -727,6 +821,8 @@ impl ServeArgs {
             disk_quota,
             shutdown_timeout: shutdown_timeout.0,
             lease_ttl: lease_ttl.0,
+            log_format,
+            admin,
         })
     }
 }
@@ -851,6 +947,8 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     etcd: Option<Vec<String>>,
+    etcd_user: Option<String>,
+    etcd_password: Option<String>,
     node_prefix: Option<String>,
     static_node: Option<Vec<FileStaticNode>>,
     manager_id: Option<String>,
@@ -868,6 +966,8 @@ struct FileConfig {
     disk_quota: Option<FileSize>,
     shutdown_timeout: Option<FileDuration>,
     lease_ttl: Option<FileDuration>,
+    log_format: Option<LogFormat>,
+    no_admin: Option<bool>,
 }
 
 impl FileConfig {
@@ -1000,6 +1100,8 @@ mod tests {
             listen: "127.0.0.1:50051".parse().expect("addr"),
             data_dir: PathBuf::from("./data"),
             etcd: vec![],
+            etcd_user: None,
+            etcd_password: None,
             node_prefix: "/services/connect-node/".into(),
             static_nodes: vec![],
             manager_id: None,
@@ -1017,6 +1119,8 @@ mod tests {
             disk_quota: None,
             shutdown_timeout: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+            admin: true,
         }
     }
 
@@ -1051,7 +1155,7 @@ mod tests {
                 "--{long}: defaults live in resolve"
             );
         }
-        assert_eq!(n, 21);
+        assert_eq!(n, 25);
         let durability = cmd
             .get_arguments()
             .find(|a| a.get_id() == "durability")
@@ -1067,6 +1171,8 @@ mod tests {
             listen = "0.0.0.0:6000"
             data_dir = "/var/lib/pm"
             etcd = ["http://e1:2379", "http://e2:2379"]
+            etcd_user = "pm"
+            etcd_password = "s3cret"
             node_prefix = "/nodes/"
             static_node = ["a=127.0.0.1:7001", "b=node-b.local:7002"]
             manager_id = "pm-1"
@@ -1084,6 +1190,8 @@ mod tests {
             disk_quota = 1000
             shutdown_timeout = "3s"
             lease_ttl = "15s"
+            log_format = "json"
+            no_admin = true
         "#;
         let keys: std::collections::BTreeSet<String> = toml::from_str::<toml::Table>(text)
             .expect("toml")
@@ -1105,6 +1213,8 @@ mod tests {
                 listen: "0.0.0.0:6000".parse().expect("addr"),
                 data_dir: "/var/lib/pm".into(),
                 etcd: vec!["http://e1:2379".into(), "http://e2:2379".into()],
+                etcd_user: Some("pm".into()),
+                etcd_password: Some(Secret("s3cret".into())),
                 node_prefix: "/nodes/".into(),
                 static_nodes: vec![node("a", "127.0.0.1:7001"), node("b", "node-b.local:7002")],
                 manager_id: Some("pm-1".into()),
@@ -1122,8 +1232,54 @@ mod tests {
                 disk_quota: Some(1000),
                 shutdown_timeout: Duration::from_secs(3),
                 lease_ttl: Duration::from_secs(15),
+                log_format: LogFormat::Json,
+                admin: false,
             }
         );
+    }
+
+    #[test]
+    fn no_admin_is_a_switch_with_an_optional_value() {
+        let admin = |args: &[&str]| parse(args).expect("flags").resolve().expect("ok").admin;
+        assert!(admin(&[]));
+        assert!(!admin(&["--no-admin"]));
+        assert!(!admin(&["--no-admin=true"]));
+        assert!(admin(&["--no-admin=false"]));
+        let c = with_file(
+            parse(&["--no-admin=false"]).expect("flags"),
+            "no_admin = true",
+        );
+        assert!(c.expect("valid").admin, "flag beats file");
+        assert!(
+            !with_file(ServeArgs::default(), "no_admin = true")
+                .expect("valid")
+                .admin
+        );
+    }
+
+    #[test]
+    fn etcd_credentials_come_in_pairs_and_stay_hidden() {
+        let e = err(parse(&["--etcd-user", "pm"]).expect("clap").resolve());
+        assert!(
+            e.contains("--etcd-user") && e.contains("no password"),
+            "{e}"
+        );
+        let e = err(parse(&["--etcd-password", "hunter2"])
+            .expect("clap")
+            .resolve());
+        assert!(
+            e.contains("without --etcd-user") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let c = parse(&["--etcd-user", "pm", "--etcd-password", "hunter2"])
+            .expect("clap")
+            .resolve()
+            .expect("valid");
+        assert_eq!(
+            c.etcd_password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{c:?}").contains("hunter2"), "redacted in Debug");
     }
 
     #[test]

@@ -14,15 +14,25 @@
 //! 5. **Delete**: an entry is finished when the node answers OK (or is dead-lettered after
 //!    `max_attempts` permanent refusals); a payload is reclaimed once no queue needs it.
 //!
-//! Membership comes from static configuration ([`config`]); known nodes are persisted so a
-//! restart resumes every queue at once. [`shutdown`] describes the drain order.
+//! Membership comes from etcd ([`discovery`]: watch plus resync) merged with static
+//! configuration ([`config`]); known nodes are persisted so a restart resumes every queue
+//! at once, with or without etcd. [`shutdown`] describes the drain order; [`metrics`]
+//! counts each step (queue depths exactly, per commit round and per finished entry).
+//!
+//! Operators see the queues through [`store::inspect`] (typed listing, replay, purge,
+//! import, verify): offline with the `queue-dump` tool, on a running manager through the
+//! admin API ([`api::admin`]) and its client ([`admin_client`]), both printed by [`report`].
 
+pub mod admin_client;
 pub mod api;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod dispatch;
 pub mod harness;
+pub mod metrics;
+pub mod report;
 pub mod server;
 pub mod shutdown;
 pub mod store;
@@ -31,4 +41,14 @@ pub mod store;
 #[allow(clippy::unwrap_used)]
 pub mod proto {
     tonic::include_proto!("broadcast");
+
+    /// Generated code for `proto/admin.proto` (package `broadcast.admin`): the operator API.
+    #[allow(clippy::unwrap_used)]
+    pub mod admin {
+        tonic::include_proto!("broadcast.admin");
+    }
+
+    /// Descriptors of every proto the build compiles, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("push_manager_descriptor");
 }

@@ -3,17 +3,39 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::admin::AdminService;
 use crate::api::broadcast::BroadcastService;
 use crate::config::ServeConfig;
+use crate::discovery::managers::manager_key;
+use crate::discovery::{Discovery, DiscoveryOptions, Registration};
 use crate::dispatch::{DeliveryConfig, Dispatcher};
+use crate::metrics::Metrics;
+use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::push_server_server::PushServerServer;
 use crate::store::commit::CommitOptions;
 use crate::store::{Committer, Store, StoreError};
+
+/// Most of `--shutdown-timeout` kept back from the drain for closing the servers and the
+/// final store sync, so even a drain that runs out of time ends with the store flushed.
+const CLOSE_RESERVE: Duration = Duration::from_secs(1);
+
+/// With `--etcd`, how long readiness waits for the first read of etcd at start. When etcd
+/// answers, health turns SERVING only after its membership is applied; when it does not
+/// answer within this bound, the manager serves on the membership stored in the data dir
+/// (every known node at its last address) and keeps trying etcd in the background. Short,
+/// because a manager that cannot reach etcd must still accept and deliver.
+pub const FIRST_ETCD_READ_WAIT: Duration = Duration::from_secs(3);
+
+/// Bound of revoking this manager's etcd lease at shutdown; past it the key expires with
+/// its lease (`--lease-ttl`).
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -46,14 +68,7 @@ pub enum ServerError {
 
 /// Runs the manager until `shutdown` resolves, then drains and returns.
 pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    for (set, what) in [
-        (!cfg.etcd.is_empty(), "--etcd (etcd membership)"),
-        (
-            cfg.metrics_listen.is_some(),
-            "--metrics-listen (Prometheus metrics)",
-        ),
-        (cfg.disk_quota.is_some(), "--disk-quota"),
-    ] {
+    for (set, what) in [(cfg.disk_quota.is_some(), "--disk-quota")] {
         if set {
             return Err(ServerError::Config(format!(
                 "{what} is not implemented in this build yet; run without it \
@@ -81,21 +96,33 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
             .map_err(store_err)?;
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listener = bind(cfg.listen).await?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+
+    // Counted before the committer and the workers start: the queue depth invariant in
+    // crate::metrics.
+    let metrics = Arc::new(Metrics::new());
+    {
+        let store = store.clone();
+        let metrics = metrics.clone();
+        tokio::task::spawn_blocking(move || metrics.count_queues(&store))
+            .await
+            .map_err(|e| ServerError::Config(format!("queue count task failed: {e}")))?
+            .map_err(store_err)?;
+    }
 
     let (committed_tx, committed_rx) = watch::channel(0);
-    let (commit, committer_thread) = Committer::spawn(
+    let (commit, committer_thread) = Committer::spawn_with_metrics(
         store.clone(),
         CommitOptions {
             durability: cfg.durability,
             dedupe_window: cfg.dedupe_window,
         },
         committed_tx,
+        metrics.clone(),
     )
     .map_err(store_err)?;
 
@@ -112,10 +139,27 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         },
         committed_rx,
         workers_stop,
-    );
-    for (id, rec) in store.nodes().map_err(store_err)? {
-        dispatcher.node_seen(&id, &rec.addr, rec.held);
-    }
+    )
+    .with_metrics(metrics.clone());
+    // Shared with the admin API, which reads statuses and pauses workers.
+    let dispatcher = Arc::new(dispatcher);
+    // Membership: every known node resumes at its last address. With etcd, nodes recorded
+    // as absent start paused, and etcd is followed from here on (crate::discovery).
+    let discovery_opts = DiscoveryOptions::from_config(&cfg);
+    let discovery = if cfg.etcd.is_empty() {
+        for (id, rec) in store.nodes().map_err(store_err)? {
+            dispatcher.node_seen(&id, &rec.addr, rec.held);
+        }
+        None
+    } else {
+        let started = Discovery::start(
+            discovery_opts.clone(),
+            store.clone(),
+            dispatcher.clone(),
+            Some(metrics.clone()),
+        );
+        Some(started.map_err(|e| ServerError::Config(format!("etcd membership: {e}")))?)
+    };
 
     let draining = CancellationToken::new();
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -124,9 +168,49 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         store.clone(),
         cfg.max_payload_bytes,
         draining.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
+    // The operator API shares the port (and the drain token: its Drain stops accepting).
+    let admin = cfg.admin.then(|| {
+        AdminServer::new(AdminService::new(
+            store.clone(),
+            commit.clone(),
+            dispatcher.clone(),
+            metrics.clone(),
+            draining.clone(),
+            health.clone(),
+        ))
+    });
+    // Reflection lets grpcurl-style tools call every service without the proto files; v1alpha
+    // too, for tools that only speak that.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err = |e| ServerError::Config(format!("gRPC reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
     // Room for the largest allowed payload plus the request's other fields.
     let max_message = (cfg.max_payload_bytes as usize).saturating_add(1 << 20);
+    if let Some(d) = &discovery {
+        match d.wait_first_read(FIRST_ETCD_READ_WAIT).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                etcd = %discovery_opts.etcd.describe(),
+                waited = ?FIRST_ETCD_READ_WAIT,
+                "etcd did not answer at start; serving the membership stored in the data dir \
+                 and retrying etcd in the background"
+            ),
+            Err(e) => {
+                let _ = commit.stop().await;
+                dispatcher.stop(Duration::from_secs(1)).await;
+                return Err(ServerError::Config(format!(
+                    "etcd membership: {e}; fix --etcd / --etcd-user / --etcd-password"
+                )));
+            }
+        }
+    }
     health
         .set_serving::<PushServerServer<BroadcastService>>()
         .await;
@@ -135,58 +219,171 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         .await;
     tracing::info!(
         listen = %cfg.listen,
+        metrics_listen = ?cfg.metrics_listen,
         %manager_id,
         nodes = store.known_nodes().len(),
         durability = ?cfg.durability,
         "push-manager serving"
     );
 
-    let drain_signal = {
-        let draining = draining.clone();
-        let health = health.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining");
-            draining.cancel();
-            health
-                .set_not_serving::<PushServerServer<BroadcastService>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        }
-    };
-    let served = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(
-            PushServerServer::new(service)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain_signal);
+    let metrics_stop = CancellationToken::new();
+    let mut metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            metrics_stop.clone(),
+        ))
+    });
+    let server_stop = CancellationToken::new();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_optional_service(admin)
+            .add_service(
+                PushServerServer::new(service)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                server_stop.clone().cancelled_owned(),
+            ),
+    );
 
-    let result = served.await;
-    let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
-        if let Err(e) = commit.stop().await {
-            tracing::error!(error = %e, "final commit sync failed");
+    // Registered once serving: clients resolving managers from etcd find only ready ones.
+    let registration = discovery.as_ref().map(|_| {
+        let advertise = cfg
+            .advertise
+            .clone()
+            .unwrap_or_else(|| cfg.listen.to_string());
+        Registration::start(
+            discovery_opts.etcd.clone(),
+            manager_key(&manager_id),
+            advertise,
+            cfg.lease_ttl,
+        )
+    });
+
+    let mut result = Ok(());
+    let mut server_done = false;
+    tokio::select! {
+        () = shutdown => {}
+        r = &mut server => {
+            tracing::error!("gRPC server stopped on its own; draining");
+            result = served(r);
+            server_done = true;
         }
-        if !dispatcher.stop(cfg.shutdown_timeout).await {
+    }
+
+    // The drain, in the order crate::shutdown documents; the gRPC server keeps answering
+    // (health NOT_SERVING, Broadcast UNAVAILABLE) until step 5.
+    tracing::info!(timeout = ?cfg.shutdown_timeout, "shutting down: draining");
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
+    let drain_deadline = deadline - CLOSE_RESERVE.min(cfg.shutdown_timeout / 5);
+    // 1. Stop accepting.
+    draining.cancel();
+    health
+        .set_not_serving::<PushServerServer<BroadcastService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    // Deregistration and the end of discovery start now, so that clients stop picking this
+    // manager while it drains; both are awaited at step 4.
+    let deregistered = registration.map(|r| tokio::spawn(r.stop(DEREGISTER_TIMEOUT)));
+    let discovery_stopped = discovery.map(|d| tokio::spawn(d.stop(DEREGISTER_TIMEOUT)));
+    let mut committer_stopped = false;
+    let drained = tokio::time::timeout_at(drain_deadline, async {
+        // 2. In-flight Broadcasts: everything handed to the committer is committed and
+        //    answered; what comes later is answered UNAVAILABLE.
+        match commit.stop().await {
+            Ok(()) => committer_stopped = true,
+            Err(e) => tracing::error!(error = %e, "final commit sync failed"),
+        }
+        // 3. Deliveries: in-flight sends complete, the rest stays queued.
+        let left = drain_deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !dispatcher.stop(left).await {
             tracing::warn!(
                 "delivery workers did not stop in time; undelivered entries stay queued"
             );
         }
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = committer_thread.join();
-            store.sync()
-        })
-        .await;
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(timeout = ?cfg.shutdown_timeout, "shutdown timeout reached");
+        tracing::warn!(
+            timeout = ?cfg.shutdown_timeout,
+            "shutdown timeout reached; undelivered entries stay queued"
+        );
+    }
+    // 4. Deregistration: revoking the etcd lease deletes this manager's key (each task is
+    //    bounded by DEREGISTER_TIMEOUT; the key otherwise expires with its lease).
+    if let Some(task) = deregistered {
+        let _ = tokio::time::timeout_at(deadline, task).await;
+    }
+    if let Some(task) = discovery_stopped {
+        let _ = tokio::time::timeout_at(deadline, task).await;
+    }
+    // 5. Close the ports, then a final sync of the workers' progress. Every Broadcast is
+    //    answered by now; what may still be open is a health Watch stream, which never ends
+    //    by itself, so the close gets a short grace, not the rest of the timeout.
+    server_stop.cancel();
+    metrics_stop.cancel();
+    let close_by = deadline.min(tokio::time::Instant::now() + CLOSE_RESERVE / 2);
+    if !server_done {
+        match tokio::time::timeout_at(close_by, &mut server).await {
+            Ok(r) => result = served(r),
+            Err(_) => server.abort(),
+        }
+    }
+    if let Some(task) = metrics_task.as_mut() {
+        match tokio::time::timeout_at(close_by, &mut *task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics server failed"),
+            Ok(_) => {}
+            Err(_) => task.abort(),
+        }
+    }
+    // Without a stopped committer the sync would race its flush (see store::commit), and a
+    // stuck disk would hang it: its acked rounds are durable already. A plain thread, not
+    // spawn_blocking: the runtime's exit waits for blocking tasks, never for this thread.
+    if committer_stopped {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("final-sync".into())
+            .spawn(move || {
+                let _ = committer_thread.join();
+                let _ = tx.send(store.sync());
+            });
+        match spawned {
+            Err(e) => tracing::error!(error = %e, "cannot start the final store sync"),
+            Ok(_) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "final store sync failed"),
+                Ok(Err(_)) => tracing::error!("final store sync thread failed"),
+                Err(_) => tracing::warn!("final store sync did not finish in time"),
+            },
+        }
     }
     tracing::info!("push-manager stopped");
-    result.map_err(ServerError::from)
+    result
+}
+
+/// Binds a listen address, naming it in the error.
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// The gRPC server task's outcome.
+fn served(
+    r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match r {
+        Ok(r) => r.map_err(ServerError::from),
+        Err(e) => Err(ServerError::Config(format!("gRPC server task failed: {e}"))),
+    }
 }
 
 /// The data dir keeps the id it was first started with; `--manager-id` may repeat it but

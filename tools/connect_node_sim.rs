@@ -14,6 +14,10 @@
 //!   [`Recorder`]), written before the answer is sent. A line in the file therefore means
 //!   "this node accepted it", even if the sim was SIGKILLed right after.
 //! - SIGTERM or Ctrl-C: stop accepting, finish the calls in flight, exit 0.
+//! - With `--etcd URL`, once bound it registers `<etcd-prefix><node-id>` (a plain
+//!   `host:port`, or etcd naming JSON with `--etcd-format naming`) on a lease of
+//!   `--lease-ttl`, keeps it alive, and on SIGTERM / Ctrl-C revokes it before it stops
+//!   serving. After a SIGKILL the key goes when the lease expires.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -26,6 +30,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use push_manager::config::{parse_duration, validate_host_port, validate_node_id};
+use push_manager::discovery::{
+    value, EtcdSettings, Registration, ValueFormat, DEFAULT_NODE_PREFIX,
+};
 use push_manager::proto::push_server_server::{PushServer, PushServerServer};
 use push_manager::proto::{BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq};
 use rand::Rng;
@@ -81,6 +89,91 @@ struct Args {
     /// several ids.
     #[arg(long, value_name = "MSG_ID")]
     reject: Vec<String>,
+
+    /// Register in etcd at these endpoints (comma-separated, or repeat the flag), as
+    /// `<etcd-prefix><node-id>` on a lease kept alive while the sim runs and revoked when it
+    /// stops (SIGTERM, Ctrl-C). Without it the sim runs static.
+    #[arg(long, value_name = "URL[,URL]", value_delimiter = ',')]
+    etcd: Vec<String>,
+
+    /// etcd key prefix to register under.
+    #[arg(long, value_name = "PREFIX", default_value = DEFAULT_NODE_PREFIX)]
+    etcd_prefix: String,
+
+    /// Registration value: `plain` (host:port) or `naming` (etcd naming JSON,
+    /// {"Op":0,"Addr":"host:port","Metadata":null}, as Go services write it).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = ValueFormat::Plain)]
+    etcd_format: ValueFormat,
+
+    /// TTL of the registration lease (etcd counts whole seconds; at least 1s). After a
+    /// SIGKILL the registration disappears this long after the last keep-alive.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+
+    /// host:port to register [default: the bound address]
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+
+    /// etcd user, with --etcd-password.
+    #[arg(long, value_name = "USER", env = "CONNECT_NODE_SIM_ETCD_USER")]
+    etcd_user: Option<String>,
+
+    /// Password of --etcd-user (the env var keeps it out of the process list).
+    #[arg(long, value_name = "PASSWORD", env = "CONNECT_NODE_SIM_ETCD_PASSWORD")]
+    etcd_password: Option<String>,
+}
+
+/// What `--etcd` asks for, checked before anything starts.
+struct EtcdPlan {
+    settings: EtcdSettings,
+    key: String,
+    format: ValueFormat,
+    ttl: Duration,
+    advertise: Option<String>,
+}
+
+impl EtcdPlan {
+    fn from_args(args: &Args) -> Result<Option<EtcdPlan>> {
+        if args.etcd.is_empty() {
+            return Ok(None);
+        }
+        validate_node_id(&args.node_id).map_err(|e| {
+            anyhow::anyhow!(
+                "--node-id {:?} cannot be an etcd key suffix: {e}",
+                args.node_id
+            )
+        })?;
+        if !args.etcd_prefix.ends_with('/') {
+            anyhow::bail!("--etcd-prefix {:?} must end in '/'", args.etcd_prefix);
+        }
+        if args.lease_ttl < Duration::from_secs(1) {
+            anyhow::bail!("--lease-ttl must be at least 1s (etcd leases count whole seconds)");
+        }
+        if let Some(a) = &args.advertise {
+            validate_host_port(a).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
+        }
+        let mut settings = EtcdSettings::new(args.etcd.clone());
+        match (&args.etcd_user, &args.etcd_password) {
+            (Some(u), Some(p)) => settings = settings.with_user(u.clone(), p.clone()),
+            (None, None) => {}
+            _ => anyhow::bail!("--etcd-user and --etcd-password go together"),
+        }
+        Ok(Some(EtcdPlan {
+            settings,
+            key: format!("{}{}", args.etcd_prefix, args.node_id),
+            format: args.etcd_format,
+            ttl: args.lease_ttl,
+            advertise: args.advertise.clone(),
+        }))
+    }
+
+    /// Starts the registration of the sim bound at `local`.
+    fn start(self, local: SocketAddr) -> Registration {
+        let addr = self.advertise.unwrap_or_else(|| local.to_string());
+        let value = value::encode(self.format, &addr);
+        info!(key = %self.key, %value, "registering in etcd");
+        Registration::start(self.settings, self.key, value, self.ttl)
+    }
 }
 
 fn parse_probability(text: &str) -> Result<f64, String> {
@@ -256,6 +349,7 @@ async fn main() -> Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
 
+    let etcd = EtcdPlan::from_args(&args)?;
     let record = args.record.as_deref().map(Recorder::open).transpose()?;
     let sim = Arc::new(Sim {
         node_id: args.node_id,
@@ -278,6 +372,14 @@ async fn main() -> Result<()> {
         .context("cannot read the bound address")?;
     announce(local)?;
     info!(node = %sim.node_id, addr = %local, "serving broadcast.PushServer");
+    // Deregistered first on a stop, so managers stop sending before the server closes.
+    let registration = etcd.map(|plan| plan.start(local));
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(r) = registration {
+            r.stop(Duration::from_secs(2)).await;
+        }
+    };
 
     let service =
         PushServerServer::from_arc(Arc::clone(&sim)).max_decoding_message_size(MAX_MESSAGE_BYTES);

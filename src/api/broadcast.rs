@@ -5,11 +5,15 @@
 //! any other check; then shutting down, then no known nodes; then the commit.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::status::Rejected;
+use crate::metrics::Metrics;
 use crate::proto::push_server_server::PushServer;
 use crate::proto::{BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq};
 use crate::store::{Accept, CommitHandle, Store};
@@ -65,6 +69,7 @@ pub struct BroadcastService {
     store: Store,
     max_payload_bytes: u64,
     draining: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl BroadcastService {
@@ -80,7 +85,16 @@ impl BroadcastService {
             store,
             max_payload_bytes,
             draining,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports rejections and ack latency to `metrics` (by default, to a registry of the
+    /// service's own). Accepted and duplicate counts come from the committer, which alone
+    /// knows them even when a caller goes away before its answer.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     async fn accept(&self, req: BroadCastReq) -> Result<BroadCastReply, Rejected> {
@@ -106,13 +120,40 @@ impl PushServer for BroadcastService {
         &self,
         request: Request<BroadCastReq>,
     ) -> Result<Response<BroadCastReply>, Status> {
-        match self.accept(request.into_inner()).await {
-            Ok(reply) => Ok(Response::new(reply)),
-            Err(r) => {
-                tracing::debug!(reason = r.code(), error = %r, "broadcast rejected");
-                Err(r.into())
+        let arrived = Instant::now();
+        let req = request.into_inner();
+        // The span carries the caller's msg_id (only a well-formed one: logs get no control
+        // bytes or megabytes from a bad request), or the assigned one once it is known.
+        let span = tracing::info_span!("broadcast", msg_id = tracing::field::Empty);
+        let id = req.msg_id.as_bytes();
+        if !id.is_empty()
+            && id.len() <= MAX_MSG_ID_BYTES
+            && id.iter().all(|b| (0x21..=0x7e).contains(b))
+        {
+            span.record("msg_id", req.msg_id.as_str());
+        }
+        async {
+            match self.accept(req).await {
+                Ok(reply) => {
+                    self.metrics
+                        .observe_ack_latency(arrived.elapsed().as_secs_f64());
+                    tracing::Span::current().record("msg_id", reply.msg_id.as_str());
+                    tracing::debug!(
+                        node_count = reply.node_count,
+                        duplicate = reply.duplicate,
+                        "broadcast acked"
+                    );
+                    Ok(Response::new(reply))
+                }
+                Err(r) => {
+                    self.metrics.broadcast_rejected();
+                    tracing::debug!(reason = r.code(), error = %r, "broadcast rejected");
+                    Err(r.into())
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 
     async fn broadcast_batch(

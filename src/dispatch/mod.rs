@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Delivery settings shared by every worker.
@@ -104,6 +105,8 @@ pub struct NodeStatus {
 struct Handle {
     target: watch::Sender<NodeTarget>,
     status: watch::Receiver<NodeStatus>,
+    /// The worker task; taken while [`Dispatcher::with_worker_paused`] replaces it.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Owns the workers: starts one per node, retargets them, stops them all.
@@ -114,6 +117,9 @@ pub struct Dispatcher {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     nodes: Mutex<HashMap<String, Handle>>,
+    metrics: Arc<Metrics>,
+    /// Serializes [`Dispatcher::with_worker_paused`] calls.
+    pausing: tokio::sync::Mutex<()>,
 }
 
 impl Dispatcher {
@@ -131,7 +137,16 @@ impl Dispatcher {
             shutdown,
             tracker: TaskTracker::new(),
             nodes: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
+            pausing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Reports deliveries, queue depths and node states to `metrics` (by default, to a
+    /// registry of the dispatcher's own). Call before the first node is seen.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Reports a node registered at `addr`: starts its worker, or retargets it, marks it
@@ -175,23 +190,94 @@ impl Dispatcher {
             last_error: None,
         });
         let (tx, rx) = watch::channel(target);
+        let task = self.spawn_worker(id, rx, status_tx);
         nodes.insert(
             id.to_string(),
             Handle {
                 target: tx,
                 status: status_rx,
+                task: Some(task),
             },
         );
+    }
+
+    fn spawn_worker(
+        &self,
+        id: &str,
+        target: watch::Receiver<NodeTarget>,
+        status: watch::Sender<NodeStatus>,
+    ) -> tokio::task::JoinHandle<()> {
         let worker = worker::NodeWorker {
             node: id.to_string(),
             store: self.store.clone(),
             cfg: self.cfg.clone(),
             committed: self.committed.clone(),
-            target: rx,
-            status: status_tx,
+            target,
+            status,
             shutdown: self.shutdown.clone(),
+            metrics: self.metrics.node(id),
         };
-        self.tracker.spawn(worker.run());
+        self.tracker.spawn(worker.run())
+    }
+
+    /// Runs `f` while node `id`'s worker is stopped, then starts a fresh worker that loads
+    /// the node's queue from the store again. For operator changes to a live queue, which
+    /// its worker owns while it runs (admin `PurgeQueue`): the old worker finishes its
+    /// in-flight sends and writes its progress back before `f` runs, so `f` sees the queue
+    /// as it is and no stale in-memory state overwrites what `f` writes. Target changes made
+    /// meanwhile (hold, address) reach the new worker. Returns `None`, without running `f`,
+    /// when the node has no worker.
+    pub async fn with_worker_paused<T, Fut>(&self, id: &str, f: impl FnOnce() -> Fut) -> Option<T>
+    where
+        Fut: std::future::Future<Output = T>,
+    {
+        let _one_at_a_time = self.pausing.lock().await;
+        let (task, target, status) = {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            let h = nodes.get_mut(id)?;
+            let task = h.task.take()?;
+            let (tx, rx) = watch::channel(h.target.borrow().clone());
+            let (status_tx, status_rx) = watch::channel(h.status.borrow().clone());
+            h.status = status_rx;
+            // Dropping the old sender is what stops the old worker.
+            drop(std::mem::replace(&mut h.target, tx));
+            (task, rx, status_tx)
+        };
+        if let Err(e) = task.await {
+            tracing::error!(node = %id, error = %e, "delivery worker ended abnormally");
+        }
+        let out = f().await;
+        let task = self.spawn_worker(id, target, status);
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = nodes.get_mut(id) {
+            h.task = Some(task);
+        }
+        Some(out)
+    }
+
+    /// Stops node `id`'s worker for good and forgets it (the node is being retired, see
+    /// `crate::discovery::retire`). The worker finishes its in-flight sends and writes its
+    /// progress back before this returns, so nothing it holds in memory can touch the
+    /// node's queue afterwards. A later [`Dispatcher::node_seen`] for the same id starts a
+    /// fresh worker. Returns false when the node had no worker.
+    pub async fn remove_node(&self, id: &str) -> bool {
+        let _one_at_a_time = self.pausing.lock().await;
+        let handle = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let Some(Handle { target, task, .. }) = handle else {
+            return false;
+        };
+        // Dropping the sender is what stops the worker.
+        drop(target);
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                tracing::error!(node = %id, error = %e, "delivery worker ended abnormally");
+            }
+        }
+        true
     }
 
     /// Every node's current status, by node id.

@@ -14,7 +14,7 @@
 //! - While the node is backing off, at most one send (the probe) is in flight; any answer
 //!   from the node (OK or a permanent refusal) ends the backoff.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::NodeClient;
 use super::policy::{self, Outcome, Ttl};
 use super::{DeliveryConfig, NodeState, NodeStatus, NodeTarget};
+use crate::metrics::NodeMetrics;
 use crate::store::{now_ms, DeadLetterRecord, MessageRecord, RangeRecord, Store, StoreError};
 
 /// How often partial progress on a range is written back.
@@ -66,6 +67,7 @@ pub(super) struct NodeWorker {
     pub(super) target: watch::Receiver<NodeTarget>,
     pub(super) status: watch::Sender<NodeStatus>,
     pub(super) shutdown: CancellationToken,
+    pub(super) metrics: NodeMetrics,
 }
 
 struct State {
@@ -92,6 +94,16 @@ struct State {
     last_write_back: Instant,
     /// The node's last failure, for the status.
     last_error: Option<String>,
+    /// The first unfinished entry as `(range start, seq)`, whose accepted time the metrics
+    /// show; recomputed when `head_stale`.
+    head: Option<(u64, u64)>,
+    head_stale: bool,
+    /// Accepted time of each loaded range (ms since the epoch), learned from messages read
+    /// for sending: every message of a range was accepted in the same commit round and
+    /// carries that round's time, so one read tells it for the whole range.
+    range_times: HashMap<u64, u64>,
+    /// The state last given to the metrics.
+    metrics_state: Option<NodeState>,
 }
 
 impl NodeWorker {
@@ -112,6 +124,10 @@ impl NodeWorker {
             epoch: 0,
             last_write_back: Instant::now(),
             last_error: None,
+            head: None,
+            head_stale: true,
+            range_times: HashMap::new(),
+            metrics_state: None,
         };
         self.connect(&mut st);
         let mut in_flight = FuturesUnordered::new();
@@ -124,6 +140,8 @@ impl NodeWorker {
                 }
             }
             self.launch(&mut st, &mut in_flight);
+            self.track_oldest(&mut st);
+            self.publish(&mut st);
             let wake = self.next_wake(&st);
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -143,7 +161,6 @@ impl NodeWorker {
                 _ = tokio::time::sleep_until(wake) => {}
             }
             self.write_back(&mut st, false);
-            self.publish(&st);
         }
         while let Some(sent) = in_flight.next().await {
             self.on_sent(&mut st, sent);
@@ -175,7 +192,9 @@ impl NodeWorker {
         }
         if readdress || reregistered {
             st.backoff.reset();
-            st.blocked_until = None;
+            if st.blocked_until.take().is_some() {
+                tracing::info!(node = %self.node, "node registered again; backoff ended");
+            }
         }
     }
 
@@ -202,6 +221,9 @@ impl NodeWorker {
                 }
                 st.loaded_until = Some(start);
                 st.ranges.insert(start, rec);
+                if st.head.is_none() {
+                    st.head_stale = true;
+                }
             }
             if exhausted {
                 st.maybe_more = false;
@@ -264,9 +286,13 @@ impl NodeWorker {
                     break;
                 }
             };
+            if let Some((start, _)) = Self::locate(st, seq) {
+                st.range_times.entry(start).or_insert(msg.accepted_at_ms);
+            }
             let ttl_ms = match policy::ttl_at(&msg, now_ms()) {
                 Ttl::Expired => {
                     tracing::debug!(node = %self.node, seq, msg_id = %msg.msg_id, "expired undelivered");
+                    self.metrics.expired();
                     self.finish(st, seq);
                     continue;
                 }
@@ -319,6 +345,7 @@ impl NodeWorker {
             .as_ref()
             .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
         let outcome = policy::classify(code);
+        self.metrics.delivery(outcome);
         let now = Instant::now();
         if matches!(outcome, Outcome::Delivered | Outcome::Permanent)
             && st.blocked_until.take().is_some()
@@ -334,6 +361,8 @@ impl NodeWorker {
                 st.last_error = Some(format!("{code:?}: {message}"));
                 if outcome == Outcome::NodeProblem {
                     tracing::warn!(node = %self.node, ?code, message, "node refuses deliveries");
+                } else {
+                    tracing::debug!(node = %self.node, seq, attempt = entry.attempts, ?code, message, "delivery failed; will retry");
                 }
                 self.record_attempts(st, seq, entry.attempts);
                 st.entries.insert(seq, entry);
@@ -404,12 +433,20 @@ impl NodeWorker {
         let Some(rec) = st.ranges.get_mut(&start) else {
             return;
         };
-        rec.set_done(off);
+        if !rec.is_done(off) {
+            rec.set_done(off);
+            // Once per entry: the queue depth invariant in crate::metrics.
+            self.metrics.queue_removed(1);
+            if st.head.is_some_and(|(_, head)| head == seq) {
+                st.head_stale = true;
+            }
+        }
         if rec.is_complete() {
             match self.store.save_range(&self.node, start, rec) {
                 Ok(()) => {
                     st.ranges.remove(&start);
                     st.dirty.remove(&start);
+                    st.range_times.remove(&start);
                 }
                 Err(e) => {
                     tracing::error!(node = %self.node, error = %e, "saving progress failed");
@@ -447,9 +484,14 @@ impl NodeWorker {
         };
         match self.store.dead_letter(&self.node, start, &updated, &dead) {
             Ok(()) => {
+                self.metrics.dead_lettered();
+                if st.head.is_some_and(|(_, head)| head == seq) {
+                    st.head_stale = true;
+                }
                 st.dirty.remove(&start);
                 if updated.is_complete() {
                     st.ranges.remove(&start);
+                    st.range_times.remove(&start);
                 } else {
                     st.ranges.insert(start, updated);
                 }
@@ -480,9 +522,11 @@ impl NodeWorker {
     }
 
     /// Publishes the node's status if it changed.
-    fn publish(&self, st: &State) {
+    fn publish(&self, st: &mut State) {
         let now = Instant::now();
-        let backing_off = st.blocked_until.is_some_and(|t| t > now);
+        // Backing off lasts until the node answers again (see the module docs), probes
+        // included: a probe in flight is not the node being back.
+        let backing_off = st.blocked_until.is_some();
         let state = if st.target.held {
             NodeState::Held
         } else if !st.target.online {
@@ -492,9 +536,13 @@ impl NodeWorker {
         } else {
             NodeState::Online
         };
+        if st.metrics_state != Some(state) {
+            self.metrics.set_state(state);
+            st.metrics_state = Some(state);
+        }
         let backoff_until = st
             .blocked_until
-            .filter(|_| backing_off)
+            .filter(|t| *t > now)
             .map(|t| std::time::SystemTime::now() + (t - now));
         self.status.send_if_modified(|s| {
             let changed = s.state != state
@@ -514,6 +562,52 @@ impl NodeWorker {
             }
             changed
         });
+    }
+
+    /// Gives the metrics the accepted time of the node's first unfinished entry, when that
+    /// entry may have changed. The first loaded range with an unfinished entry holds it:
+    /// ranges are loaded in sequence order from the queue's start, and leave memory only
+    /// once complete. The time comes from `range_times` (filled by the reads `launch` does
+    /// anyway); only a range that became the head without being sent from (an offline or
+    /// held node) costs one message read, once per head range, never one per delivery.
+    fn track_oldest(&self, st: &mut State) {
+        if !st.head_stale {
+            return;
+        }
+        let head = st.ranges.iter().find_map(|(start, rec)| {
+            rec.pending()
+                .next()
+                .map(|off| (*start, start + u64::from(off)))
+        });
+        let Some((start, seq)) = head else {
+            if st.maybe_more {
+                // Nothing loaded yet but the store may hold more: decide after the refill.
+                return;
+            }
+            st.head = None;
+            st.head_stale = false;
+            self.metrics.set_oldest(None);
+            return;
+        };
+        let same_range = st.head.is_some_and(|(s, _)| s == start);
+        st.head = Some((start, seq));
+        st.head_stale = false;
+        if same_range {
+            return;
+        }
+        let accepted_at = match st.range_times.get(&start) {
+            Some(t) => Some(*t),
+            None => match self.store.message(seq) {
+                Ok(Some(m)) => {
+                    st.range_times.insert(start, m.accepted_at_ms);
+                    Some(m.accepted_at_ms)
+                }
+                // A missing or unreadable message is dead-lettered by `launch`; its range
+                // shows as empty meanwhile.
+                Ok(None) | Err(_) => None,
+            },
+        };
+        self.metrics.set_oldest(accepted_at);
     }
 
     /// The next instant something is due: backoff end, a waiting entry, or write-back.

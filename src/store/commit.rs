@@ -18,13 +18,14 @@
 //! retry with the same msg_id then answers `duplicate`.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
 use super::{keys, now_ms, record, Durability, MessageRecord, RangeRecord, RoundIndex, Store};
 use super::{DedupeRecord, StoreError};
+use crate::metrics::Metrics;
 
 /// Most messages in one round: bounds a range record's bitmap and a round's batch size.
 pub const MAX_ROUND: usize = 4096;
@@ -77,6 +78,17 @@ enum Request {
     Accept(Accept, oneshot::Sender<Result<Accepted, CommitError>>),
     /// Finish every request queued before this one, sync, and stop.
     Stop(oneshot::Sender<Result<(), String>>),
+    /// Move dead letters back into a node's live queue with fresh sequence numbers, which
+    /// only the committer may hand out ([`super::inspect`]).
+    Replay(Box<ReplayJob>),
+}
+
+/// A [`CommitHandle::replay`] waiting for the committer.
+struct ReplayJob {
+    node: String,
+    filter: super::Filter,
+    dry_run: bool,
+    reply: oneshot::Sender<Result<super::ReplayOutcome, CommitError>>,
 }
 
 /// Submits accepts to the committer; cheap to clone.
@@ -91,6 +103,28 @@ impl CommitHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Accept(accept, tx))
+            .map_err(|_| CommitError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(CommitError::ShuttingDown))
+    }
+
+    /// Moves `node`'s dead letters matching `filter` back into its live queue as new messages
+    /// (fresh sequences, attempts reset, msg_id kept; see [`super::inspect`]), durably, and
+    /// wakes the delivery workers. With `dry_run`, only reports what it would do.
+    pub async fn replay(
+        &self,
+        node: &str,
+        filter: super::Filter,
+        dry_run: bool,
+    ) -> Result<super::ReplayOutcome, CommitError> {
+        let (tx, rx) = oneshot::channel();
+        let job = ReplayJob {
+            node: node.to_string(),
+            filter,
+            dry_run,
+            reply: tx,
+        };
+        self.tx
+            .send(Request::Replay(Box::new(job)))
             .map_err(|_| CommitError::ShuttingDown)?;
         rx.await.unwrap_or(Err(CommitError::ShuttingDown))
     }
@@ -128,18 +162,36 @@ pub struct Committer {
     last_housekeeping: Instant,
     /// Message records below this sequence are already reclaimed.
     reclaimed_below: u64,
+    /// Queue depths, broadcast results and commit rounds (see [`crate::metrics`]).
+    metrics: Arc<Metrics>,
 }
 
 impl Committer {
     /// Starts the committer thread. `committed` is advanced after every durable round.
+    /// Its metrics go to a registry of its own; see [`Committer::spawn_with_metrics`].
     pub fn spawn(
         store: Store,
         opts: CommitOptions,
         committed: watch::Sender<u64>,
     ) -> Result<(CommitHandle, std::thread::JoinHandle<()>), StoreError> {
+        Self::spawn_with_metrics(store, opts, committed, Arc::new(Metrics::new()))
+    }
+
+    /// [`Committer::spawn`], reporting to `metrics`, whose queue depths must already count
+    /// what the store holds ([`Metrics::count_queues`]).
+    pub fn spawn_with_metrics(
+        store: Store,
+        opts: CommitOptions,
+        committed: watch::Sender<u64>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(CommitHandle, std::thread::JoinHandle<()>), StoreError> {
         let (tx, rx) = mpsc::channel();
         let next_seq = store.next_seq()?;
         committed.send_replace(next_seq - 1);
+        store
+            .inner
+            .committer_running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let committer = Committer {
             store,
             opts,
@@ -150,10 +202,19 @@ impl Committer {
             id_counter: 0,
             last_housekeeping: Instant::now(),
             reclaimed_below: 0,
+            metrics,
         };
         let thread = std::thread::Builder::new()
             .name("committer".into())
-            .spawn(move || committer.run())
+            .spawn(move || {
+                let store = committer.store.clone();
+                committer.run();
+                // The counter is the store's again: offline writers may run.
+                store
+                    .inner
+                    .committer_running
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            })
             .map_err(|e| StoreError::io("starting the committer thread", e))?;
         Ok((CommitHandle { tx }, thread))
     }
@@ -170,12 +231,17 @@ impl Committer {
             };
             let mut accepts = Vec::new();
             let mut stop = None;
+            let mut replay = None;
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 match req {
                     Request::Accept(a, tx) => accepts.push((a, tx)),
                     Request::Stop(tx) => {
                         stop = Some(tx);
+                        break;
+                    }
+                    Request::Replay(job) => {
+                        replay = Some(job);
                         break;
                     }
                 }
@@ -185,6 +251,9 @@ impl Committer {
             }
             if !accepts.is_empty() {
                 self.round(accepts);
+            }
+            if let Some(job) = replay {
+                self.replay(*job);
             }
             if let Some(tx) = stop {
                 let result = self.store.sync().map_err(|e| e.to_string());
@@ -199,6 +268,55 @@ impl Committer {
         if let Err(e) = self.store.sync() {
             tracing::error!(error = %e, "final store sync failed");
         }
+    }
+
+    /// Runs a replay with the committer's sequence counter; like a round, the new entries
+    /// are counted in the queue depth before they are written, and the workers are woken
+    /// once they are durable.
+    fn replay(&mut self, job: ReplayJob) {
+        let result = self
+            .store
+            .replay_at(&job.node, &job.filter, true, self.next_seq, now_ms())
+            .and_then(|dry| {
+                if job.dry_run || dry.replayed.is_empty() {
+                    return Ok(dry);
+                }
+                let n = dry.replayed.len() as u32;
+                let node_metrics = self.metrics.node(&job.node);
+                node_metrics.queue_added(n);
+                let done =
+                    self.store
+                        .replay_at(&job.node, &job.filter, false, self.next_seq, now_ms());
+                match &done {
+                    Ok(out) => {
+                        // Entries written may differ from the dry count only if the dead
+                        // letters changed in between: correct the gauge by the difference.
+                        let written = out.replayed.len() as u32;
+                        if written < n {
+                            node_metrics.queue_removed(n - written);
+                        } else if written > n {
+                            node_metrics.queue_added(written - n);
+                        }
+                        self.next_seq = out.next_seq;
+                        self.committed.send_replace(out.next_seq - 1);
+                    }
+                    Err(_) => {
+                        node_metrics.queue_removed(n);
+                        // The batch may have been applied before the sync failed: never
+                        // hand out its sequences again.
+                        if let Ok(persisted) = self.store.next_seq() {
+                            self.next_seq = self.next_seq.max(persisted);
+                        }
+                    }
+                }
+                done
+            });
+        if let Err(e) = &result {
+            tracing::error!(node = %job.node, error = %e, "replaying dead letters failed");
+        }
+        let _ = job
+            .reply
+            .send(result.map_err(|e| CommitError::Store(e.to_string())));
     }
 
     fn assign_id(&mut self) -> String {
@@ -277,6 +395,9 @@ impl Committer {
 
         if seq > start {
             let len = (seq - start) as u32;
+            // Counted before the batch is applied, so no worker can finish an entry that is
+            // not counted yet (the queue depth invariant in crate::metrics).
+            self.metrics.round_queued(&nodes, len);
             let applied = (|| -> Result<(), StoreError> {
                 let range = record::encode(&RangeRecord::new(len))?;
                 for node in nodes.iter() {
@@ -293,6 +414,8 @@ impl Committer {
             // fails: reusing them would overwrite records that may yet reach the disk.
             if applied.is_ok() {
                 self.next_seq = seq;
+            } else {
+                self.metrics.round_not_queued(&nodes, len);
             }
             let durable = applied.and_then(|()| match self.opts.durability {
                 Durability::Fsync => self.store.sync(),
@@ -304,6 +427,14 @@ impl Committer {
             }
         }
 
+        if failure.is_none() {
+            let duplicates = replies.iter().filter(|r| r.3).count() as u64;
+            self.metrics.round_committed(seq - start, duplicates);
+        }
+        // Wake the workers first: once a caller has its answer, the message is visible.
+        if failure.is_none() && seq > start {
+            self.committed.send_replace(seq - 1);
+        }
         for (tx, msg_id, node_count, duplicate) in replies {
             let reply = match &failure {
                 Some(e) => Err(CommitError::Store(e.clone())),
@@ -315,12 +446,9 @@ impl Committer {
             };
             let _ = tx.send(reply);
         }
-        if failure.is_none() && seq > start {
-            self.committed.send_replace(seq - 1);
-            if self.opts.durability == Durability::Buffered {
-                if let Err(e) = self.store.sync() {
-                    tracing::error!(error = %e, "background sync failed in buffered mode");
-                }
+        if failure.is_none() && seq > start && self.opts.durability == Durability::Buffered {
+            if let Err(e) = self.store.sync() {
+                tracing::error!(error = %e, "background sync failed in buffered mode");
             }
         }
     }

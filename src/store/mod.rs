@@ -4,7 +4,8 @@
 //! # Durability contract
 //!
 //! 1. **Nothing is acked before the fsync that covers all of its writes.** Only the
-//!    [`commit`] committer writes new messages, and in [`Durability::Fsync`] mode it answers
+//!    [`commit`] committer writes new messages (operator replays included; offline,
+//!    [`inspect`]'s import and replay write one batch and sync it), and in [`Durability::Fsync`] mode it answers
 //!    a round's callers only after [`Store::sync`] returned: sled's `flush()` (which ends in
 //!    `sync_file_range`, enough against a process crash but not a power cut), then
 //!    `fdatasync` of sled's log file. sled writes any page over a quarter of its segment
@@ -38,11 +39,14 @@
 //! n/<node>                 NodeRecord     known nodes
 //! d/<msg_id>               DedupeRecord
 //! t/<accepted_at><start>   RoundIndex     msg_ids of a round, for dedupe expiry
+//! o/<node>                 u64            since when a node is absent from etcd (ms)
+//! x/<original key>         raw bytes      quarantined by `queue-dump verify --repair`
 //! ```
 //!
 //! Fan-out costs one range record per node per commit round, not per message.
 
 pub mod commit;
+pub mod inspect;
 pub mod keys;
 pub mod migrate;
 #[cfg(test)]
@@ -54,9 +58,14 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use commit::{Accept, Accepted, CommitError, CommitHandle, Committer};
+pub use inspect::{
+    Filter, ImportItem, ImportOutcome, NodeSummary, Problem, QueueEntry, QueueKind, ReplayOutcome,
+    VerifyReport,
+};
 pub use record::{
     DeadLetterRecord, DedupeRecord, MessageRecord, NodeRecord, RangeRecord, RoundIndex,
 };
@@ -177,6 +186,10 @@ struct Inner {
     synced_blobs: Mutex<BTreeSet<String>>,
     /// Known node ids, the set a commit round fans out to.
     known: RwLock<Arc<[String]>>,
+    /// Opened with [`Store::open_read_only`]: the [`inspect`] writers refuse to run.
+    read_only: bool,
+    /// A [`Committer`] owns the sequence counter: offline writers ([`inspect`]) refuse.
+    committer_running: AtomicBool,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -190,7 +203,28 @@ pub fn now_ms() -> u64 {
 impl Store {
     /// Opens (or creates) the store under `data_dir/store`, migrating an older format.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_mode(data_dir, false)
+    }
+
+    /// Opens an existing store for reading only (`queue-dump`'s read-only commands): no
+    /// directory is created, nothing is migrated or synced, and the [`inspect`] writers
+    /// refuse. A store of an older format is refused: it needs a migration, which writes.
+    pub fn open_read_only(data_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_mode(data_dir, true)
+    }
+
+    fn open_mode(data_dir: &Path, read_only: bool) -> Result<Store, StoreError> {
         let dir = data_dir.join("store");
+        if read_only && !dir.join("conf").exists() {
+            return Err(StoreError::io(
+                format!("opening {}", dir.display()),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "there is no push-manager store here; check --data-dir (it is the \
+                     manager's data dir, the one holding store/)",
+                ),
+            ));
+        }
         std::fs::create_dir_all(&dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
         let db = sled::Config::new()
@@ -205,7 +239,21 @@ impl Store {
                 }
                 other => StoreError::sled(format!("opening {}", dir.display()), other),
             })?;
-        migrate::run(&db)?;
+        if read_only {
+            let found = migrate::format_version(&db)?;
+            if found != migrate::CURRENT_FORMAT {
+                return Err(StoreError::Engine {
+                    what: format!("opening {} read-only", dir.display()),
+                    reason: format!(
+                        "its format is {found}, this build reads {}; run a command that \
+                         writes (or start the manager once) to migrate it first",
+                        migrate::CURRENT_FORMAT
+                    ),
+                });
+            }
+        } else {
+            migrate::run(&db)?;
+        }
         let log_path = dir.join("db");
         let log_file = File::open(&log_path)
             .map_err(|e| StoreError::io(format!("opening {}", log_path.display()), e))?;
@@ -216,10 +264,15 @@ impl Store {
                 log_file,
                 synced_blobs: Mutex::new(BTreeSet::new()),
                 known: RwLock::new(Arc::from(Vec::new())),
+                read_only,
+                committer_running: AtomicBool::new(false),
             }),
         };
         let known: Vec<String> = store.nodes()?.into_keys().collect();
         store.set_known(known);
+        if read_only {
+            return Ok(store);
+        }
         // Everything sled created at open (its conf file, the log, the blobs dir) must
         // survive a power cut before the first ack relies on it.
         store.sync()?;
@@ -602,6 +655,154 @@ impl Store {
             .filter(|k| k.as_ref().is_ok_and(|k| k.len() == head_len))
             .count()
     }
+
+    // ----- membership lifecycle (src/discovery) -----
+    //
+    // A node absent from etcd keeps its queue and keeps receiving broadcasts; its absence
+    // is recorded (`o/<node>`) so that `offline_retention` counts across restarts. Once
+    // the retention is over, discovery archives the queue page by page ([`Store::entries`]
+    // to read, [`Store::remove_archived`] to drop what was archived) and then removes the
+    // node ([`Store::remove_node`]). See `crate::discovery::retire` for the order.
+
+    /// Every node recorded as absent from etcd, with the time (ms since the Unix epoch)
+    /// its absence was first seen.
+    pub fn node_absences(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for item in self.tree().scan_prefix(ABSENT) {
+            let (k, v) = item.map_err(|e| StoreError::sled("scanning node absences", e))?;
+            let id = String::from_utf8_lossy(&k[ABSENT.len()..]).into_owned();
+            out.insert(id, record::decode::<u64>(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Records that `node` is absent from etcd since `since_ms`, or (`None`) that it is
+    /// registered again. Not synced on its own: the next commit round or sync covers it,
+    /// and a lost mark only restarts the retention clock later, never earlier.
+    pub fn set_node_absent(&self, node: &str, since_ms: Option<u64>) -> Result<(), StoreError> {
+        let key = absent_key(node);
+        match since_ms {
+            Some(ms) => self.put(&key, &ms),
+            None => self
+                .tree()
+                .remove(&key)
+                .map(drop)
+                .map_err(|e| StoreError::sled(format!("removing {}", keys::display(&key)), e)),
+        }
+    }
+
+    /// Takes `node` out of the set commit rounds fan out to (in memory only): the first
+    /// step of retiring it, so that its queue stops growing. Its record stays until
+    /// [`Store::remove_node`]; a restart before that makes it known again.
+    pub fn stop_fan_out(&self, node: &str) {
+        let mut known = self.inner.known.write().unwrap_or_else(|p| p.into_inner());
+        let rest: Vec<String> = known
+            .iter()
+            .filter(|k| k.as_str() != node)
+            .cloned()
+            .collect();
+        *known = Arc::from(rest);
+    }
+
+    /// Drops the part of `node`'s queues that was archived: every live entry with a
+    /// sequence up to `live_through` (a range reaching past it keeps its later entries) and
+    /// every dead letter up to `dead_through`, in one batch, then syncs. Message records are
+    /// left to the usual low-water-mark reclamation (invariant 3). At most `limit` ranges
+    /// and `limit` dead letters are touched per call; returns how many keys changed, so a
+    /// caller loops until 0.
+    pub fn remove_archived(
+        &self,
+        node: &str,
+        live_through: Option<u64>,
+        dead_through: Option<u64>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut changed = 0;
+        if let Some(through) = live_through {
+            for (start, mut rec) in self.ranges(node, None, limit)? {
+                if start > through {
+                    break;
+                }
+                let last = start + u64::from(rec.len.max(1)) - 1;
+                let key = keys::range(node, start);
+                if last <= through {
+                    batch.remove(key);
+                } else {
+                    for off in 0..=u32::try_from(through - start).unwrap_or(u32::MAX) {
+                        rec.set_done(off);
+                    }
+                    batch.insert(key, record::encode(&rec)?);
+                }
+                changed += 1;
+            }
+        }
+        if let Some(through) = dead_through {
+            let from = keys::dead(node, 0);
+            let to = keys::dead(node, through);
+            for item in self.tree().range(from..=to).keys().take(limit) {
+                batch.remove(item.map_err(|e| StoreError::sled("scanning dead letters", e))?);
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            self.apply(batch, "removing an archived queue")?;
+            self.sync()?;
+        }
+        Ok(changed)
+    }
+
+    /// Up to `limit` of `node`'s dead letters with a sequence at or above `from_seq`, in
+    /// sequence order (a bounded [`Store::dead_letters`]).
+    pub fn dead_letters_from(
+        &self,
+        node: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        self.tree()
+            .range(keys::dead(node, from_seq)..=keys::dead(node, u64::MAX))
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item.map_err(|e| StoreError::sled("scanning dead letters", e))?;
+                record::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Removes a retired node: its record and absence mark, and it leaves the fan-out set.
+    /// Refuses (returns false, changes nothing) while the node still has live entries or
+    /// dead letters: those must be archived first, so a queue is never dropped silently.
+    pub fn remove_node(&self, node: &str) -> Result<bool, StoreError> {
+        let has_live = !self.ranges(node, None, 1)?.is_empty();
+        let has_dead = self
+            .tree()
+            .scan_prefix(keys::dead_prefix(node))
+            .next()
+            .transpose()
+            .map_err(|e| StoreError::sled("scanning dead letters", e))?
+            .is_some();
+        if has_live || has_dead {
+            return Ok(false);
+        }
+        self.stop_fan_out(node);
+        let mut batch = sled::Batch::default();
+        batch.remove(keys::node(node));
+        batch.remove(absent_key(node));
+        self.apply(batch, "removing a retired node")?;
+        self.sync()?;
+        Ok(true)
+    }
+}
+
+/// Prefix of node absence marks (see the layout).
+const ABSENT: &[u8] = b"o/";
+
+/// `o/<node>`
+fn absent_key(node: &str) -> Vec<u8> {
+    let mut k = ABSENT.to_vec();
+    k.extend_from_slice(node.as_bytes());
+    k
 }
 
 /// fsync of a directory, so that files created or removed in it survive a power cut.

@@ -167,11 +167,11 @@ pub struct MessageHead {
 /// Largest chunk of an encoded message record.
 pub const MESSAGE_CHUNK: usize = 64 * 1024;
 
-/// Encodes a message as `(key, value)` writes: its head, then its continuation chunks.
-pub(crate) fn encode_message(
-    seq: u64,
-    msg: &MessageRecord,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+/// One `(key, value)` write.
+pub(crate) type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Encodes a message as writes: its head, then its continuation chunks.
+pub(crate) fn encode_message(seq: u64, msg: &MessageRecord) -> Result<Vec<KeyValue>, StoreError> {
     let bytes = bincode::encode_to_vec(msg, config()).map_err(|e| StoreError::Encode {
         reason: e.to_string(),
     })?;

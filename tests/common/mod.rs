@@ -1,5 +1,6 @@
 //! The processes integration tests run against: connect-node sims ([`Sim`]) and push-manager
-//! servers ([`Manager`]), each started from the crate's own binaries.
+//! servers ([`Manager`]), each started from the crate's own binaries, and a real etcd
+//! ([`etcd::Etcd`]).
 //!
 //! Everything here is bounded in time and cleaned up on drop: a child process still running
 //! when its handle drops is SIGKILLed and reaped, and its temp dir removed. When a test panics,
@@ -10,6 +11,8 @@
 
 // Every integration test file does `mod common;` and each uses a subset of these helpers.
 #![allow(dead_code)]
+
+pub mod etcd;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -459,6 +462,58 @@ impl Manager {
     /// The last `n` lines of the manager's output, across restarts.
     pub fn log_tail(&self, n: usize) -> String {
         tail(&self.log_path, n)
+    }
+
+    /// The manager's whole output so far, across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// One health check of service `""` now; an error text if it cannot be had.
+    pub async fn health(&self) -> Result<ServingStatus, String> {
+        health_status(&self.addr()).await
+    }
+
+    /// Sends `signal` to the running manager and returns at once (see
+    /// [`Manager::wait_exit`]).
+    pub fn signal(&mut self, signal: Signal) {
+        let Some(child) = self.child.as_ref() else {
+            panic!(
+                "expected the manager on {} to be running to signal it",
+                self.port
+            );
+        };
+        let pid = i32::try_from(child.id()).unwrap_or_else(|_| panic!("pid {}", child.id()));
+        if let Err(e) = kill(Pid::from_raw(pid), signal) {
+            self.fail(&format!("expected to send {signal} to the manager: {e}"));
+        }
+    }
+
+    /// Waits up to `deadline` for the manager to exit (after [`Manager::signal`]); panics with
+    /// the log tail if it is still running then.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                panic!("expected the manager on {} to be running", self.port);
+            };
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return status;
+                }
+                Ok(None) if start.elapsed() < deadline => {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+                Ok(None) => self.fail(&format!(
+                    "expected the manager on {} to exit within {deadline:?}",
+                    self.addr()
+                )),
+                Err(e) => self.fail(&format!("expected to wait for the manager: {e}")),
+            }
+        }
     }
 
     fn running_child(&mut self, action: &str) -> Child {
