@@ -290,10 +290,6 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    // Deregistration and the end of discovery start now, so that clients stop picking this
-    // manager while it drains; both are awaited at step 4.
-    let deregistered = registration.map(|r| tokio::spawn(r.stop(DEREGISTER_TIMEOUT)));
-    let discovery_stopped = discovery.map(|d| tokio::spawn(d.stop(DEREGISTER_TIMEOUT)));
     let mut committer_stopped = false;
     let drained = tokio::time::timeout_at(drain_deadline, async {
         // 2. In-flight Broadcasts: everything handed to the committer is committed and
@@ -317,13 +313,15 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
             "shutdown timeout reached; undelivered entries stay queued"
         );
     }
-    // 4. Deregistration: revoking the etcd lease deletes this manager's key (each task is
-    //    bounded by DEREGISTER_TIMEOUT; the key otherwise expires with its lease).
-    if let Some(task) = deregistered {
-        let _ = tokio::time::timeout_at(deadline, task).await;
+    // 4. Deregistration: revoking the etcd lease deletes this manager's key, after the last
+    //    ack and before the ports close; then etcd discovery stops (a retirement in progress
+    //    resumes at the next start). Each is bounded by DEREGISTER_TIMEOUT; past it the key
+    //    expires with its lease.
+    if let Some(r) = registration {
+        let _ = tokio::time::timeout_at(deadline, r.stop(DEREGISTER_TIMEOUT)).await;
     }
-    if let Some(task) = discovery_stopped {
-        let _ = tokio::time::timeout_at(deadline, task).await;
+    if let Some(d) = discovery {
+        let _ = tokio::time::timeout_at(deadline, d.stop(DEREGISTER_TIMEOUT)).await;
     }
     // 5. Close the ports, then a final sync of the workers' progress. Every Broadcast is
     //    answered by now; what may still be open is a health Watch stream, which never ends

@@ -202,7 +202,14 @@ async fn main() -> Result<()> {
         ],
         work.path().join("manager.log"),
     );
-    manager.start().await?;
+    if let Err(e) = manager.start().await {
+        let log = std::fs::read_to_string(work.path().join("manager.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+        return Err(e.into());
+    }
 
     let interval = Duration::from_millis(args.interval_ms.max(1));
     let sender = {

@@ -120,7 +120,8 @@ type Retired = (String, u64, Result<Option<ArchiveReport>, DiscoveryError>);
 
 impl Discovery {
     /// Loads the membership persisted in the store (every known node gets a worker at its
-    /// last address, paused if it was absent), then follows etcd in the background.
+    /// last address, paused if it was absent), then follows etcd in a task on the current
+    /// tokio runtime.
     pub fn start(
         opts: DiscoveryOptions,
         store: Store,
@@ -213,7 +214,7 @@ struct Follower {
     retired_tx: mpsc::UnboundedSender<Retired>,
     retired_rx: mpsc::UnboundedReceiver<Retired>,
     /// Entries archived by earlier passes of a retirement still in progress.
-    partial: HashMap<String, (u64, u64)>,
+    partial: HashMap<String, (u64, u64, u64)>,
     stats: Arc<DiscoveryStats>,
 }
 
@@ -504,6 +505,7 @@ impl Follower {
             let t = self.partial.entry(id.clone()).or_default();
             t.0 += report.live;
             t.1 += report.dead_letters;
+            t.2 += report.unreadable;
             *t
         };
         let store = self.store.clone();
@@ -517,7 +519,7 @@ impl Follower {
                 }
                 self.stats.retired.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(node = %id, archive = %report.path.display(), live = total.0,
-                               dead_letters = total.1,
+                               dead_letters = total.1, unreadable = total.2,
                                "node retired: its queue is archived and it is removed from the store");
             }
             Ok(Ok(false)) => {

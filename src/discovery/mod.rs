@@ -34,11 +34,9 @@
 //! - [`membership`]: applies what the sources say to the store and the dispatcher.
 //! - [`etcd`]: the etcd source: read, watch, resync, backoff; drives [`membership`].
 //! - [`retire`]: archiving and removing a node after `offline_retention`.
-//! - [`archive`]: the JSON-lines export format the archives are written in.
 //! - [`register`]: keeping one key on a lease (the manager, `connect-node-sim`).
 //! - [`managers`]: resolving push-managers from etcd, for clients.
 
-pub mod archive;
 pub mod etcd;
 pub mod managers;
 pub mod membership;
@@ -116,6 +114,9 @@ pub enum DiscoveryError {
         #[source]
         source: std::io::Error,
     },
+    /// A background step panicked or was cancelled: a bug. The step is tried again later.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl DiscoveryError {
@@ -127,7 +128,8 @@ impl DiscoveryError {
             | DiscoveryError::StreamEnded { .. }
             | DiscoveryError::LeaseLost(_)
             | DiscoveryError::Etcd(_)
-            | DiscoveryError::Archive { .. } => true,
+            | DiscoveryError::Archive { .. }
+            | DiscoveryError::Internal(_) => true,
             DiscoveryError::Store { source, .. } => source.is_retryable(),
             DiscoveryError::Config(_)
             | DiscoveryError::Auth(_)
@@ -148,6 +150,7 @@ impl DiscoveryError {
             DiscoveryError::Etcd(_) => "etcd",
             DiscoveryError::Store { .. } => "store",
             DiscoveryError::Archive { .. } => "archive",
+            DiscoveryError::Internal(_) => "internal",
         }
     }
 

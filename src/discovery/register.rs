@@ -32,7 +32,8 @@ pub struct Registration {
 
 impl Registration {
     /// Starts keeping `key = value` in etcd on a lease of `ttl` (whole seconds, at least
-    /// one). Never fails: an unreachable etcd is retried in the background.
+    /// one), in a task on the current tokio runtime. Never fails: an unreachable etcd is
+    /// retried in the background.
     pub fn start(settings: EtcdSettings, key: String, value: String, ttl: Duration) -> Self {
         let stop = CancellationToken::new();
         let (tx, registered) = watch::channel(false);

@@ -1,6 +1,9 @@
 //! Retiring a node that stayed absent from etcd for `offline_retention`: its queue is
-//! archived to a JSON-lines file ([`super::archive`]) under the data dir, then removed from
-//! the store. Nothing is dropped without being in the archive first.
+//! archived to a JSON-lines file under the data dir, in the format of `queue-dump export`
+//! ([`ExportRecord`], so `queue-dump import` can queue it again), then removed from the
+//! store. Nothing is dropped without being in the archive first; an entry whose message
+//! record cannot be read (a damaged store) has nothing to archive and is logged as an error
+//! with its sequence number instead.
 //!
 //! # Order (each step durable before the next)
 //!
@@ -33,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 use crate::dispatch::Dispatcher;
 use crate::store::{Store, StoreError};
 
-use super::archive::ExportLine;
 use super::DiscoveryError;
+use crate::report::ExportRecord;
+use crate::store::{QueueEntry, QueueKind};
 
 /// Most entries archived per step.
 pub const PAGE_ENTRIES: usize = 1000;
@@ -52,6 +56,9 @@ pub struct ArchiveReport {
     pub live: u64,
     /// Dead letters archived in this pass.
     pub dead_letters: u64,
+    /// Entries dropped from the queue without a line because their message record could
+    /// not be read (each logged as an error).
+    pub unreadable: u64,
 }
 
 /// `<archive_dir>/<node>.<absent_since_ms>.jsonl`: the same file when a retirement resumes.
@@ -80,18 +87,20 @@ pub async fn archive_queue(
         path: path.clone(),
         live: 0,
         dead_letters: 0,
+        unreadable: 0,
     };
     loop {
         if stop.is_cancelled() {
             return Ok(None);
         }
         let (store, node, file, path) = (store.clone(), node.clone(), file.clone(), path.clone());
-        let (live, dead) = blocking(move || archive_page(&store, &node, &file, &path)).await??;
-        if live == 0 && dead == 0 {
+        let page = blocking(move || archive_page(&store, &node, &file, &path)).await??;
+        if page == Page::default() {
             return Ok(Some(report));
         }
-        report.live += live;
-        report.dead_letters += dead;
+        report.live += page.live;
+        report.dead_letters += page.dead_letters;
+        report.unreadable += page.unreadable;
         tokio::task::yield_now().await;
     }
 }
@@ -101,7 +110,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, DiscoveryError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| DiscoveryError::Etcd(format!("a retirement step failed to run: {e}")))
+        .map_err(|e| DiscoveryError::Internal(format!("a retirement step failed to run: {e}")))
 }
 
 fn open_archive(dir: &Path, path: &Path) -> Result<File, DiscoveryError> {
@@ -133,14 +142,44 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// What one step archived.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Page {
+    live: u64,
+    dead_letters: u64,
+    unreadable: u64,
+}
+
+/// Writes `entry` as an export line, or logs why it cannot be (its message is unreadable).
+/// Returns whether a line was written.
+fn write_entry(
+    out: &mut impl Write,
+    entry: &QueueEntry,
+    path: &Path,
+) -> Result<bool, DiscoveryError> {
+    let Some(record) = ExportRecord::from_entry(entry) else {
+        tracing::error!(node = %entry.node, seq = entry.seq, queue = entry.kind.label(),
+                        problem = entry.problem.as_deref().unwrap_or("no message"),
+                        "retiring: this entry's message record is unreadable; nothing to archive");
+        return Ok(false);
+    };
+    let archive_err = |source| DiscoveryError::Archive {
+        path: path.display().to_string(),
+        source,
+    };
+    let line = serde_json::to_string(&record).map_err(|e| archive_err(e.into()))?;
+    writeln!(out, "{line}").map_err(archive_err)?;
+    Ok(true)
+}
+
 /// One step: archives and removes up to a page of live entries or, once none is left, of
-/// dead letters. Returns `(live, dead letters)` archived; `(0, 0)` when the queue is empty.
+/// dead letters. An empty [`Page`] means the queue is empty.
 fn archive_page(
     store: &Store,
     node: &str,
     file: &File,
     path: &Path,
-) -> Result<(u64, u64), DiscoveryError> {
+) -> Result<Page, DiscoveryError> {
     let io_err = |source| DiscoveryError::Archive {
         path: path.display().to_string(),
         source,
@@ -150,7 +189,8 @@ fn archive_page(
         move |e| DiscoveryError::store(what, e)
     };
     let mut out = BufWriter::new(file);
-    let mut count = 0u64;
+    let mut page = Page::default();
+    let mut count = 0usize;
     let mut bytes = 0u64;
     let mut last = None;
 
@@ -165,26 +205,30 @@ fn archive_page(
                 .iter()
                 .find(|(o, _)| *o == off)
                 .map_or(0, |(_, a)| *a);
-            let line = match store.message(seq) {
-                Ok(Some(m)) => {
-                    bytes += m.payload.len() as u64;
-                    ExportLine::live(node, seq, attempts, Ok(&m))
-                }
-                Ok(None) => ExportLine::live(
-                    node,
-                    seq,
-                    attempts,
-                    Err(format!("message record m/{seq} is missing")),
-                ),
-                Err(e @ StoreError::Corrupt { .. }) => {
-                    ExportLine::live(node, seq, attempts, Err(e.to_string()))
-                }
+            let (message, problem) = match store.message(seq) {
+                Ok(Some(m)) => (Some(m), None),
+                Ok(None) => (None, Some(format!("message record m/{seq} is missing"))),
+                Err(e @ StoreError::Corrupt { .. }) => (None, Some(e.to_string())),
                 Err(e) => return Err(store_err("reading a message")(e)),
             };
-            writeln!(out, "{}", line.to_json()).map_err(io_err)?;
+            bytes += message.as_ref().map_or(0, |m| m.payload.len() as u64);
+            let entry = QueueEntry {
+                node: node.to_string(),
+                kind: QueueKind::Live,
+                seq,
+                attempts,
+                message,
+                problem,
+                dead_reason: None,
+                dead_at_ms: None,
+            };
+            match write_entry(&mut out, &entry, path)? {
+                true => page.live += 1,
+                false => page.unreadable += 1,
+            }
             count += 1;
             last = Some(seq);
-            if count as usize >= PAGE_ENTRIES || bytes >= PAGE_BYTES {
+            if count >= PAGE_ENTRIES || bytes >= PAGE_BYTES {
                 break 'page;
             }
         }
@@ -194,7 +238,7 @@ fn archive_page(
         store
             .remove_archived(node, Some(through), None, PAGE_RANGES)
             .map_err(store_err("removing the archived queue"))?;
-        return Ok((count, 0));
+        return Ok(page);
     }
 
     let dead = store
@@ -205,16 +249,32 @@ fn archive_page(
         store
             .remove_archived(node, Some(u64::MAX), None, PAGE_RANGES)
             .map_err(store_err("removing finished ranges"))?;
-        return Ok((0, 0));
+        return Ok(page);
     };
-    for d in &dead {
-        writeln!(out, "{}", ExportLine::dead_letter(node, d).to_json()).map_err(io_err)?;
+    for d in dead {
+        let entry = QueueEntry {
+            node: node.to_string(),
+            kind: QueueKind::DeadLetter,
+            seq: d.seq,
+            attempts: d.attempts,
+            problem: d
+                .message
+                .is_none()
+                .then(|| "the message was unreadable when it was dead-lettered".to_string()),
+            message: d.message,
+            dead_reason: Some(d.reason),
+            dead_at_ms: Some(d.dead_at_ms),
+        };
+        match write_entry(&mut out, &entry, path)? {
+            true => page.dead_letters += 1,
+            false => page.unreadable += 1,
+        }
     }
     finish(out, io_err)?;
     store
         .remove_archived(node, None, Some(through), PAGE_ENTRIES)
         .map_err(store_err("removing archived dead letters"))?;
-    Ok((0, dead.len() as u64))
+    Ok(page)
 }
 
 /// Flushes and fsyncs the page's lines: the store may drop them only after this.
@@ -298,7 +358,7 @@ mod tests {
         assert_eq!(report.live, n as u64);
         assert_eq!(report.path, archive.join("gone.42.jsonl"));
         let text = std::fs::read_to_string(&report.path).unwrap();
-        let lines: Vec<ExportLine> = text
+        let lines: Vec<ExportRecord> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
@@ -308,6 +368,12 @@ mod tests {
         assert!(lines
             .iter()
             .all(|l| l.node_id == "gone" && l.queue == "live"));
+        let item = ExportRecord::parse(text.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            item.message.payload,
+            vec![b'x'; 10],
+            "queue-dump import reads it"
+        );
 
         assert!(store.ranges("gone", None, 1).unwrap().is_empty());
         assert!(store.remove_node("gone").unwrap());

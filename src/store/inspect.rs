@@ -40,11 +40,8 @@ use super::commit::MAX_ROUND;
 use super::{keys, migrate, now_ms, record, Store, StoreError};
 use super::{DeadLetterRecord, DedupeRecord, MessageRecord, NodeRecord, RangeRecord, RoundIndex};
 
-/// Prefix of quarantined records: `x/<original key>`, holding the original bytes.
-pub const QUARANTINE: &[u8] = b"x/";
-const DEAD: &[u8] = b"l/";
-const DEDUPE: &[u8] = b"d/";
-const META: &[u8] = b"meta/";
+use super::keys::{DEAD, DEDUPE, META, QUARANTINE};
+
 /// Ranges read per store query while walking a queue.
 const PAGE: usize = 64;
 
@@ -929,6 +926,8 @@ impl Store {
                 record::decode::<DedupeRecord>(&k, &v).map(drop)
             } else if k.starts_with(keys::ROUNDS) {
                 record::decode::<RoundIndex>(&k, &v).map(drop)
+            } else if k.starts_with(keys::ABSENT) {
+                record::decode::<u64>(&k, &v).map(drop)
             } else {
                 Err(StoreError::Corrupt {
                     key: name.clone(),

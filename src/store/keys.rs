@@ -18,6 +18,16 @@ pub const NODES: &[u8] = b"n/";
 pub const ROUNDS: &[u8] = b"t/";
 /// Prefix of every node's queue ranges.
 pub const QUEUES: &[u8] = b"q/";
+/// Prefix of every node's dead letters.
+pub const DEAD: &[u8] = b"l/";
+/// Prefix of dedupe entries.
+pub const DEDUPE: &[u8] = b"d/";
+/// Prefix of the meta records.
+pub const META: &[u8] = b"meta/";
+/// Prefix of node absence marks (since when a node is missing from etcd).
+pub const ABSENT: &[u8] = b"o/";
+/// Prefix of records moved aside by `verify --repair`.
+pub const QUARANTINE: &[u8] = b"x/";
 
 fn with(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -50,12 +60,17 @@ pub fn range(node: &str, start: u64) -> Vec<u8> {
 
 /// `l/<node>\0`: every dead letter of one node.
 pub fn dead_prefix(node: &str) -> Vec<u8> {
-    with(b"l/", &[node.as_bytes(), b"\0"])
+    with(DEAD, &[node.as_bytes(), b"\0"])
 }
 
 /// `l/<node>\0<seq>`
 pub fn dead(node: &str, seq: u64) -> Vec<u8> {
-    with(b"l/", &[node.as_bytes(), b"\0", &seq.to_be_bytes()])
+    with(DEAD, &[node.as_bytes(), b"\0", &seq.to_be_bytes()])
+}
+
+/// `o/<node>`
+pub fn absent(node: &str) -> Vec<u8> {
+    with(ABSENT, &[node.as_bytes()])
 }
 
 /// `n/<node>`
@@ -65,7 +80,7 @@ pub fn node(node: &str) -> Vec<u8> {
 
 /// `d/<msg_id>`
 pub fn dedupe(msg_id: &str) -> Vec<u8> {
-    with(b"d/", &[msg_id.as_bytes()])
+    with(DEDUPE, &[msg_id.as_bytes()])
 }
 
 /// `t/<accepted_at_ms><start>`
@@ -92,7 +107,7 @@ pub fn node_of_range(key: &[u8]) -> Option<&str> {
 /// A key made readable for error messages: printable bytes as text, a trailing sequence
 /// number as a decimal.
 pub fn display(key: &[u8]) -> String {
-    let numbered = [MESSAGES, QUEUES, b"l/"].iter().any(|p| key.starts_with(p));
+    let numbered = [MESSAGES, QUEUES, DEAD].iter().any(|p| key.starts_with(p));
     let (text, seq) = if numbered && key.len() >= 10 {
         (&key[..key.len() - 8], trailing_u64(key))
     } else {

@@ -668,9 +668,9 @@ impl Store {
     /// its absence was first seen.
     pub fn node_absences(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let mut out = BTreeMap::new();
-        for item in self.tree().scan_prefix(ABSENT) {
+        for item in self.tree().scan_prefix(keys::ABSENT) {
             let (k, v) = item.map_err(|e| StoreError::sled("scanning node absences", e))?;
-            let id = String::from_utf8_lossy(&k[ABSENT.len()..]).into_owned();
+            let id = String::from_utf8_lossy(&k[keys::ABSENT.len()..]).into_owned();
             out.insert(id, record::decode::<u64>(&k, &v)?);
         }
         Ok(out)
@@ -680,7 +680,7 @@ impl Store {
     /// registered again. Not synced on its own: the next commit round or sync covers it,
     /// and a lost mark only restarts the retention clock later, never earlier.
     pub fn set_node_absent(&self, node: &str, since_ms: Option<u64>) -> Result<(), StoreError> {
-        let key = absent_key(node);
+        let key = keys::absent(node);
         match since_ms {
             Some(ms) => self.put(&key, &ms),
             None => self
@@ -788,21 +788,11 @@ impl Store {
         self.stop_fan_out(node);
         let mut batch = sled::Batch::default();
         batch.remove(keys::node(node));
-        batch.remove(absent_key(node));
+        batch.remove(keys::absent(node));
         self.apply(batch, "removing a retired node")?;
         self.sync()?;
         Ok(true)
     }
-}
-
-/// Prefix of node absence marks (see the layout).
-const ABSENT: &[u8] = b"o/";
-
-/// `o/<node>`
-fn absent_key(node: &str) -> Vec<u8> {
-    let mut k = ABSENT.to_vec();
-    k.extend_from_slice(node.as_bytes());
-    k
 }
 
 /// fsync of a directory, so that files created or removed in it survive a power cut.
