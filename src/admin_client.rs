@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::parse_duration;
 use crate::proto::admin as pb;
@@ -132,17 +132,12 @@ impl AdminError {
 }
 
 async fn connect(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, AdminError> {
-    let err = |reason: String| AdminError::Connect {
-        addr: addr.to_string(),
-        reason,
-    };
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
+    let channel = crate::client::channel(addr, timeout)
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|reason| AdminError::Connect {
+            addr: addr.to_string(),
+            reason,
+        })?;
     Ok(AdminClient::new(channel))
 }
 

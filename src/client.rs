@@ -56,22 +56,29 @@ pub enum ClientError {
     },
 }
 
+/// A channel to a manager at `addr` (`host:port`), connected, each call bounded by
+/// `timeout`; the error is the reason it failed.
+pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Connects to a manager at `addr` (`host:port`), failing after `timeout`.
 pub async fn connect(
     addr: &str,
     timeout: Duration,
 ) -> Result<PushServerClient<Channel>, ClientError> {
-    let err = |reason: String| ClientError::Connect {
-        addr: addr.to_string(),
-        reason,
-    };
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
+    let channel = channel(addr, timeout)
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|reason| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        })?;
     Ok(PushServerClient::new(channel))
 }
 

@@ -68,13 +68,10 @@ pub enum ServerError {
 
 /// Runs the manager until `shutdown` resolves, then drains and returns.
 pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    for (set, what) in [(cfg.disk_quota.is_some(), "--disk-quota")] {
-        if set {
-            return Err(ServerError::Config(format!(
-                "{what} is not implemented in this build yet; run without it \
-                 (static nodes: --static-node ID=ADDR)"
-            )));
-        }
+    if cfg.disk_quota.is_some() {
+        return Err(ServerError::Config(
+            "--disk-quota is not implemented in this build yet; run without it".into(),
+        ));
     }
     let dir = cfg.data_dir.display().to_string();
     let store_err = |source| ServerError::Store {

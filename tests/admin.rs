@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{payload, wait_until, Manager, Sim};
+use common::{has_all, ids, payload, wait_until, Manager, Sim};
 use push_manager::proto::admin::admin_client::AdminClient;
 use push_manager::proto::admin::*;
 use push_manager::proto::BroadCastReq;
@@ -78,15 +78,6 @@ async fn send(m: &Manager, ids: &[String], topic: &str) {
             .await
             .unwrap();
     }
-}
-
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-fn has_all(sim: &Sim, ids: &[String]) -> bool {
-    let got = sim.received_ids();
-    ids.iter().all(|id| got.contains_key(id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{payload, wait_until, Manager, Sim};
-use futures::stream::{self, StreamExt};
-use push_manager::proto::BroadCastReq;
+use common::{has_all, ids, send_all, wait_until, Manager, Sim};
 use push_manager::store::Store;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -21,37 +19,6 @@ const FAST_BACKOFF: &[&str] = &["--backoff-initial", "20ms", "--backoff-max", "3
 fn nodes(sims: &[&Sim]) -> Vec<(&'static str, String)> {
     let ids = ["node-1", "node-2", "node-3"];
     sims.iter().zip(ids).map(|(s, id)| (id, s.addr())).collect()
-}
-
-/// Sends `ids` with 32 concurrent callers; every one must be acked with `node_count`.
-async fn send_all(manager: &Manager, ids: &[String], node_count: u32) {
-    let client = manager.client().await;
-    let replies: Vec<_> = stream::iter(ids.iter().enumerate())
-        .map(|(i, id)| {
-            let mut client = client.clone();
-            let req = BroadCastReq {
-                msg_id: id.clone(),
-                payload: payload(i, 1024),
-                ..Default::default()
-            };
-            async move { (req.msg_id.clone(), client.broadcast(req).await) }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    for (id, r) in replies {
-        let reply = r.unwrap_or_else(|s| panic!("expected {id} to be acked, got {s:?}"));
-        assert_eq!(reply.into_inner().node_count, node_count, "{id}");
-    }
-}
-
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-fn has_all(sim: &Sim, ids: &[String]) -> bool {
-    let got = sim.received_ids();
-    ids.iter().all(|id| got.contains_key(id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::etcd::{wait_for_node_count, Etcd};
-use common::{payload, wait_until, Manager, Sim};
-use push_manager::proto::BroadCastReq;
+use common::{has_all, ids, payload, send_all, wait_until, Manager, Sim};
 use push_manager::report::ExportRecord;
 
 const PREFIX: &str = "/services/connect-node/";
@@ -27,32 +26,6 @@ fn manager_args<'a>(etcd: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(FAST_BACKOFF);
     args.extend_from_slice(extra);
     args
-}
-
-/// Sends `ids` one by one; each must be acked for `node_count` nodes.
-async fn send(manager: &Manager, ids: &[String], node_count: u32) {
-    let mut client = manager.client().await;
-    for (i, id) in ids.iter().enumerate() {
-        let reply = client
-            .broadcast(BroadCastReq {
-                msg_id: id.clone(),
-                payload: payload(i, 256),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|s| panic!("expected {id} to be acked, got {s:?}"))
-            .into_inner();
-        assert_eq!(reply.node_count, node_count, "{id}");
-    }
-}
-
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-fn has_all(sim: &Sim, ids: &[String]) -> bool {
-    let got = sim.received_ids();
-    ids.iter().all(|id| got.contains_key(id))
 }
 
 fn count(log: &str, needle: &str) -> usize {
@@ -88,7 +61,7 @@ async fn nodes_registering_in_either_value_format_get_broadcasts() {
     assert_eq!(json["Addr"], naming.addr());
 
     let ids = ids("fmt", 50);
-    send(&m, &ids, 2).await;
+    send_all(&m, &ids, 2).await;
     for sim in [&plain, &naming] {
         wait_until(&format!("{} has all 50", sim.node_id()), CONVERGE, || {
             has_all(sim, &ids)
@@ -116,7 +89,7 @@ async fn an_expired_lease_pauses_the_node_and_a_new_port_gets_everything() {
     let first_port = node.port();
     wait_for_node_count(&m, 1, "flaky", DISCOVER).await;
     let before = ids("before", 10);
-    send(&m, &before, 1).await;
+    send_all(&m, &before, 1).await;
     wait_until("flaky has the first 10", CONVERGE, || {
         has_all(&node, &before)
     })
@@ -132,7 +105,7 @@ async fn an_expired_lease_pauses_the_node_and_a_new_port_gets_everything() {
 
     // Still known: its queue keeps receiving new broadcasts.
     let meanwhile = ids("meanwhile", 30);
-    send(&m, &meanwhile, 1).await;
+    send_all(&m, &meanwhile, 1).await;
 
     // Same id, new port: it gets everything accepted while it was away.
     let back = Sim::start("flaky", &["--etcd", &url, "--lease-ttl", "1s"]);
@@ -143,7 +116,7 @@ async fn an_expired_lease_pauses_the_node_and_a_new_port_gets_everything() {
     .await;
     assert!(m.log().contains("node registered again"));
     let after = ids("after", 5);
-    send(&m, &after, 1).await;
+    send_all(&m, &after, 1).await;
     wait_until("and what comes later", CONVERGE, || has_all(&back, &after)).await;
 }
 
@@ -169,7 +142,7 @@ async fn a_node_absent_past_retention_is_archived_and_static_nodes_stay() {
     .await;
     // Accepted while it is away: queued for it, then archived, never dropped.
     let queued = ids("queued", 20);
-    send(&m, &queued, 2).await;
+    send_all(&m, &queued, 2).await;
 
     let archive_dir = data.path().join("archive");
     wait_until("the node is retired", CONVERGE, || {
@@ -206,7 +179,7 @@ async fn a_node_absent_past_retention_is_archived_and_static_nodes_stay() {
 
     // Gone from the fan-out; the static node is never retired and got everything.
     let later = ids("later", 5);
-    send(&m, &later, 1).await;
+    send_all(&m, &later, 1).await;
     wait_until("the static node has everything", CONVERGE, || {
         has_all(&fixed, &queued) && has_all(&fixed, &later)
     })
@@ -216,7 +189,7 @@ async fn a_node_absent_past_retention_is_archived_and_static_nodes_stay() {
     let back = Sim::start("leaving", &["--etcd", &url]);
     wait_for_node_count(&m, 2, "back", DISCOVER).await;
     let fresh = ids("fresh", 5);
-    send(&m, &fresh, 2).await;
+    send_all(&m, &fresh, 2).await;
     wait_until("the returning node gets new messages", CONVERGE, || {
         has_all(&back, &fresh)
     })

@@ -10,9 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::etcd::{wait_for_node_count, Etcd};
-use common::{payload, wait_until, Manager, Sim};
+use common::{has_all, ids, send_all, wait_until, Manager, Sim};
 use nix::sys::signal::Signal;
-use push_manager::proto::BroadCastReq;
 
 const PREFIX: &str = "/services/connect-node/";
 const DISCOVER: Duration = Duration::from_secs(20);
@@ -23,31 +22,6 @@ fn manager_args(etcd: &str) -> Vec<&str> {
     let mut args = vec!["--etcd", etcd];
     args.extend_from_slice(FAST_BACKOFF);
     args
-}
-
-async fn send(manager: &Manager, ids: &[String], node_count: u32) {
-    let mut client = manager.client().await;
-    for (i, id) in ids.iter().enumerate() {
-        let reply = client
-            .broadcast(BroadCastReq {
-                msg_id: id.clone(),
-                payload: payload(i, 128),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|s| panic!("expected {id} to be acked, got {s:?}"))
-            .into_inner();
-        assert_eq!(reply.node_count, node_count, "{id}");
-    }
-}
-
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-fn has_all(sim: &Sim, ids: &[String]) -> bool {
-    let got = sim.received_ids();
-    ids.iter().all(|id| got.contains_key(id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +40,7 @@ async fn an_etcd_outage_keeps_delivery_going_and_new_nodes_come_after_it() {
     })
     .await;
     let during = ids("during", 100);
-    send(&m, &during, 1).await;
+    send_all(&m, &during, 1).await;
     wait_until("a has everything sent during the outage", CONVERGE, || {
         has_all(&a, &during)
     })
@@ -80,7 +54,7 @@ async fn an_etcd_outage_keeps_delivery_going_and_new_nodes_come_after_it() {
     let b = Sim::start("b", &["--etcd", &url]);
     wait_for_node_count(&m, 2, "b", DISCOVER).await;
     let after = ids("after", 20);
-    send(&m, &after, 2).await;
+    send_all(&m, &after, 2).await;
     wait_until("both have what came after", CONVERGE, || {
         has_all(&a, &after) && has_all(&b, &after)
     })
@@ -115,7 +89,7 @@ async fn a_restart_with_etcd_down_resumes_known_nodes_from_the_store() {
         m.log_tail(20)
     );
     let resumed = ids("resumed", 30);
-    send(&m, &resumed, 2).await;
+    send_all(&m, &resumed, 2).await;
     wait_until("both nodes get broadcasts without etcd", CONVERGE, || {
         has_all(&a, &resumed) && has_all(&b, &resumed)
     })
@@ -157,7 +131,7 @@ async fn a_watch_that_falls_behind_a_compaction_recovers() {
     .await;
     wait_for_node_count(&m, 2, "late", DISCOVER).await;
     let after = ids("after", 10);
-    send(&m, &after, 2).await;
+    send_all(&m, &after, 2).await;
     wait_until("both nodes get broadcasts", CONVERGE, || {
         has_all(&a, &after) && has_all(&late, &after)
     })

@@ -80,6 +80,41 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, deadline: Duration, mut 
     }
 }
 
+/// `<prefix>-0` .. `<prefix>-<n-1>`.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Whether `sim` has answered OK for every one of `ids`.
+pub fn has_all(sim: &Sim, ids: &[String]) -> bool {
+    let got = sim.received_ids();
+    ids.iter().all(|id| got.contains_key(id))
+}
+
+/// Broadcasts `ids` (256-byte payloads) through `manager` with 32 concurrent callers; every
+/// one must be acked for `node_count` nodes.
+pub async fn send_all(manager: &Manager, ids: &[String], node_count: u32) {
+    use futures::stream::{self, StreamExt};
+    let client = manager.client().await;
+    let replies: Vec<_> = stream::iter(ids.iter().enumerate())
+        .map(|(i, id)| {
+            let mut client = client.clone();
+            let req = push_manager::proto::BroadCastReq {
+                msg_id: id.clone(),
+                payload: payload(i, 256),
+                ..Default::default()
+            };
+            async move { (req.msg_id.clone(), client.broadcast(req).await) }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for (id, r) in replies {
+        let reply = r.unwrap_or_else(|s| panic!("expected {id} to be acked, got {s:?}"));
+        assert_eq!(reply.into_inner().node_count, node_count, "{id}");
+    }
+}
+
 /// One line of a sim's record file: a broadcast the sim answered OK.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
