@@ -207,6 +207,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", env = "PUSH_MANAGER_DISK_QUOTA", value_parser = parse_size)]
     pub disk_quota: Option<u64>,
 
+    /// Most pending entries one node's queue may hold; a broadcast that would pass it on any
+    /// node is refused with RESOURCE_EXHAUSTED [default: none, no limit]
+    #[arg(long, value_name = "N", env = "PUSH_MANAGER_MAX_PENDING_PER_NODE")]
+    pub max_pending_per_node: Option<u64>,
+
     /// Time allowed on SIGTERM / Ctrl-C to finish in-flight work [default: 10s]
     #[arg(
         long,
@@ -287,6 +292,8 @@ pub struct ServeConfig {
     pub durability: Durability,
     /// Store size limit in bytes; `None`: no limit.
     pub disk_quota: Option<u64>,
+    /// Most pending entries per node; `None`: no limit. At least 1.
+    pub max_pending_per_node: Option<u64>,
     /// Time allowed for a graceful shutdown.
     pub shutdown_timeout: Duration,
     /// TTL of the manager's etcd lease; at least one second (etcd leases count whole seconds).
@@ -797,6 +804,11 @@ impl ServeArgs {
                 "at least 1 byte".into(),
             )?;
         }
+        let (max_pending_per_node, o) =
+            pick_opt(self.max_pending_per_node, file.max_pending_per_node);
+        if let Some(n) = max_pending_per_node {
+            m.check(n >= 1, "--max-pending-per-node", n, o, "at least 1".into())?;
+        }
 
         Ok(ServeConfig {
             listen,
@@ -819,6 +831,7 @@ impl ServeArgs {
             delivery_timeout: delivery_timeout.0,
             durability,
             disk_quota,
+            max_pending_per_node,
             shutdown_timeout: shutdown_timeout.0,
             lease_ttl: lease_ttl.0,
             log_format,
@@ -964,6 +977,7 @@ struct FileConfig {
     delivery_timeout: Option<FileDuration>,
     durability: Option<Durability>,
     disk_quota: Option<FileSize>,
+    max_pending_per_node: Option<u64>,
     shutdown_timeout: Option<FileDuration>,
     lease_ttl: Option<FileDuration>,
     log_format: Option<LogFormat>,
@@ -1117,6 +1131,7 @@ mod tests {
             delivery_timeout: Duration::from_secs(5),
             durability: Durability::Fsync,
             disk_quota: None,
+            max_pending_per_node: None,
             shutdown_timeout: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(10),
             log_format: LogFormat::Text,
@@ -1155,7 +1170,7 @@ mod tests {
                 "--{long}: defaults live in resolve"
             );
         }
-        assert_eq!(n, 25);
+        assert_eq!(n, 26);
         let durability = cmd
             .get_arguments()
             .find(|a| a.get_id() == "durability")
@@ -1188,6 +1203,7 @@ mod tests {
             delivery_timeout = "2s"
             durability = "buffered"
             disk_quota = 1000
+            max_pending_per_node = 500
             shutdown_timeout = "3s"
             lease_ttl = "15s"
             log_format = "json"
@@ -1230,6 +1246,7 @@ mod tests {
                 delivery_timeout: Duration::from_secs(2),
                 durability: Durability::Buffered,
                 disk_quota: Some(1000),
+                max_pending_per_node: Some(500),
                 shutdown_timeout: Duration::from_secs(3),
                 lease_ttl: Duration::from_secs(15),
                 log_format: LogFormat::Json,
@@ -1432,6 +1449,10 @@ mod tests {
             (&["--lease-ttl", "500ms"], "at least 1s"),
             (&["--dedupe-window", "200years"], "at most 100 years"),
             (&["--disk-quota", "0"], "--disk-quota"),
+            (
+                &["--max-pending-per-node", "0"],
+                "--max-pending-per-node value 0",
+            ),
             (
                 &["--backoff-initial", "1m"],
                 "--backoff-initial 1m is greater than --backoff-max 30s (the default)",

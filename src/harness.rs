@@ -1,6 +1,7 @@
-//! Child processes for the demo and the benchmark: a `push-manager serve` and
-//! `connect-node-sim`s on loopback, started from the binaries next to the running one,
-//! killed on drop.
+//! Child processes for the demo, the benchmark, the chaos harness and the etcd tests: a
+//! `push-manager serve`, `connect-node-sim`s and a real `etcd` on loopback, started from the
+//! binaries next to the running one (etcd from `$ETCD_BIN` or PATH), killed on drop.
+//! Also readers of the sims' record files.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -46,6 +47,19 @@ impl Proc {
             }
         }
         self.kill();
+    }
+}
+
+impl Proc {
+    /// Sends `signal` (e.g. SIGSTOP / SIGCONT); false if the process is gone.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).is_ok()
+    }
+
+    /// Whether the process is still running (false once it exited, or could not be asked).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 }
 
@@ -122,6 +136,89 @@ pub fn received(record: &Path) -> HashMap<String, usize> {
         }
     }
     out
+}
+
+/// One line of a sim's record file: a delivery the sim answered OK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordLine {
+    /// The delivered msg_id.
+    pub msg_id: String,
+    /// The manager's per-node sequence number.
+    pub seq: u64,
+    /// The manager's attempt count for this entry.
+    pub attempt: u32,
+    /// Which manager delivered it.
+    pub manager_id: String,
+    /// When the sim received it (Unix ms); absent in lines of older sims.
+    pub arrival_unix_ms: Option<u64>,
+    /// The remaining `ttl_ms` the manager sent (0 = never expires); absent in older lines.
+    pub ttl_ms: Option<u64>,
+}
+
+/// Parses one record line (without its `\n`): `msg_id seq attempt manager_id` then the
+/// optional `arrival_unix_ms ttl_ms`, tab-separated; further trailing fields are ignored.
+/// `None` for a line that does not parse (torn by a SIGKILL mid-write).
+pub fn parse_record_line(line: &str) -> Option<RecordLine> {
+    let mut fields = line.split('\t');
+    let msg_id = fields.next().filter(|s| !s.is_empty())?.to_string();
+    let seq = fields.next()?.parse().ok()?;
+    let attempt = fields.next()?.parse().ok()?;
+    let manager_id = fields.next()?.to_string();
+    let arrival_unix_ms = fields.next().and_then(|f| f.parse().ok());
+    let ttl_ms = fields.next().and_then(|f| f.parse().ok());
+    Some(RecordLine {
+        msg_id,
+        seq,
+        attempt,
+        manager_id,
+        arrival_unix_ms,
+        ttl_ms,
+    })
+}
+
+/// Reads a record file incrementally: each call returns the whole lines appended since the
+/// previous one. A last line still being written (no `\n` yet) is left for the next call.
+#[derive(Debug)]
+pub struct RecordTail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl RecordTail {
+    /// A reader of `path` from its beginning (a missing file reads as empty).
+    pub fn new(path: &Path) -> Self {
+        RecordTail {
+            path: path.to_path_buf(),
+            offset: 0,
+        }
+    }
+
+    /// The lines completed since the last call, torn lines skipped.
+    pub fn read_new(&mut self) -> Result<Vec<RecordLine>, HarnessError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(HarnessError(format!(
+                    "cannot read {}: {e}",
+                    self.path.display()
+                )))
+            }
+        };
+        let mut bytes = Vec::new();
+        file.seek(SeekFrom::Start(self.offset))
+            .and_then(|_| file.read_to_end(&mut bytes))
+            .map_err(|e| HarnessError(format!("cannot read {}: {e}", self.path.display())))?;
+        let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        self.offset += end as u64 + 1;
+        Ok(String::from_utf8_lossy(&bytes[..end])
+            .split('\n')
+            .filter_map(parse_record_line)
+            .collect())
+    }
 }
 
 /// A `push-manager serve` child process; its stderr goes to a log file.
@@ -202,4 +299,178 @@ pub async fn health_serving(addr: &str) -> bool {
     };
     matches!(health.check(req).await, Ok(r)
         if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+}
+
+/// How long etcd may take to answer after a (cold) start.
+const ETCD_START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The etcd binary: `$ETCD_BIN`, else `etcd` from PATH; an error saying how to install it
+/// when there is none.
+pub fn etcd_bin() -> Result<PathBuf, HarnessError> {
+    let bin = std::env::var_os("ETCD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"));
+    match Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => Ok(bin),
+        Ok(s) => Err(HarnessError(format!(
+            "`{} --version` failed ({s}); a working etcd v3 is needed",
+            bin.display()
+        ))),
+        Err(e) => Err(HarnessError(format!(
+            "a real etcd is needed, and `{}` cannot be run ({e}). Install it with \
+             `apt-get install etcd-server` (Debian/Ubuntu), or set ETCD_BIN to an etcd v3 \
+             binary.",
+            bin.display()
+        ))),
+    }
+}
+
+/// A single-member etcd on free loopback ports, its data and log under a directory the
+/// caller owns; kept across [`EtcdProcess::kill`] and [`EtcdProcess::restart`] (same ports,
+/// same keys). SIGKILLed when dropped.
+pub struct EtcdProcess {
+    client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl EtcdProcess {
+    /// An etcd that will keep its data in `dir/data` and log to `dir/etcd.log`; not started.
+    pub fn new(dir: &Path) -> Result<Self, HarnessError> {
+        Ok(EtcdProcess {
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            dir: dir.to_path_buf(),
+            proc: None,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, for `--etcd`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The log file (stdout and stderr).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("etcd.log")
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        match std::fs::read(self.log_path()) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(n)..].join("\n")
+            }
+            Err(e) => format!("(cannot read {}: {e})", self.log_path().display()),
+        }
+    }
+
+    /// Starts it and waits until it answers a read.
+    pub async fn start(&mut self) -> Result<(), HarnessError> {
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    /// SIGKILL and reap; the data dir stays.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Kills it if running, starts it again on the same ports and data dir, and waits until
+    /// it answers.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        self.start().await
+    }
+
+    /// Starts it unless it is running (e.g. after a failed restart).
+    pub async fn start_if_stopped(&mut self) -> Result<(), HarnessError> {
+        if self.proc.as_mut().is_some_and(|p| p.is_running()) {
+            return Ok(());
+        }
+        self.restart().await
+    }
+
+    fn spawn(&mut self) -> Result<(), HarnessError> {
+        let bin = etcd_bin()?;
+        let log_path = self.log_path();
+        let open_err =
+            |e: std::io::Error| HarnessError(format!("cannot open {}: {e}", log_path.display()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(open_err)?;
+        let log_err = log.try_clone().map_err(open_err)?;
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(&bin)
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", self.data_dir().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--initial-cluster-state=new")
+            // A single member elects itself after one election timeout: keep it short.
+            .arg("--heartbeat-interval=50")
+            .arg("--election-timeout=500")
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .env_remove("ETCDCTL_API")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| HarnessError(format!("cannot start {}: {e}", bin.display())))?;
+        self.proc = Some(Proc { child });
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), HarnessError> {
+        let start = Instant::now();
+        let options = etcd_client::ConnectOptions::new()
+            .with_timeout(Duration::from_secs(1))
+            .with_connect_timeout(Duration::from_secs(1));
+        let mut last = String::new();
+        while start.elapsed() < ETCD_START_DEADLINE {
+            if let Some(p) = self.proc.as_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    return Err(HarnessError(format!(
+                        "etcd exited with {status} while starting; its log:\n{}",
+                        self.log_tail(40)
+                    )));
+                }
+            }
+            match etcd_client::Client::connect([self.url()], Some(options.clone())).await {
+                Ok(mut c) => match c.get("/", None).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(HarnessError(format!(
+            "etcd did not answer within {ETCD_START_DEADLINE:?} (last error: {last}); its \
+             log:\n{}",
+            self.log_tail(40)
+        )))
+    }
 }

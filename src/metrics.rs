@@ -135,6 +135,7 @@ pub struct Metrics {
     deliveries: Family<NodeResultLabel, Counter>,
     dead_letters: Family<NodeLabel, Counter>,
     expired: Family<NodeLabel, Counter>,
+    quarantined: Family<NodeLabel, Counter>,
     ack_latency: Histogram,
     node_state: Family<NodeStateLabel, Gauge>,
     commit_rounds: Counter,
@@ -191,6 +192,13 @@ impl Metrics {
             "Entries dropped for the node because their TTL ran out before delivery",
             expired.clone(),
         );
+        let quarantined = Family::<NodeLabel, Counter>::default();
+        registry.register(
+            "push_manager_quarantined",
+            "Entries whose message record could not be decoded: the record was moved to the \
+             quarantine keyspace and the entry left the node's queue",
+            quarantined.clone(),
+        );
         let ack_latency = Histogram::new(ACK_LATENCY_BUCKETS);
         registry.register(
             "push_manager_ack_latency_seconds",
@@ -225,6 +233,7 @@ impl Metrics {
             deliveries,
             dead_letters,
             expired,
+            quarantined,
             ack_latency,
             node_state,
             commit_rounds,
@@ -252,6 +261,7 @@ impl Metrics {
             permanent: delivery(Outcome::Permanent.label()),
             dead_letters: self.dead_letters.get_or_create_owned(&label),
             expired: self.expired.get_or_create_owned(&label),
+            quarantined: self.quarantined.get_or_create_owned(&label),
             states: NodeState::ALL.map(|s| {
                 self.node_state.get_or_create_owned(&NodeStateLabel {
                     node: node.to_string(),
@@ -269,6 +279,7 @@ impl Metrics {
         self.queue_depth.remove(&label);
         self.dead_letters.remove(&label);
         self.expired.remove(&label);
+        self.quarantined.remove(&label);
         for result in DELIVERY_RESULTS {
             self.deliveries.remove(&NodeResultLabel {
                 node: node.to_string(),
@@ -317,6 +328,20 @@ impl Metrics {
                 .get_or_create(&NodeLabel { node: node.clone() })
                 .inc_by(i64::from(len));
         }
+    }
+
+    /// The largest queue depth (pending entries) over `nodes`: what the per-node pending
+    /// limit (`--max-pending-per-node`) is checked against, without reading the store.
+    pub fn max_queue_depth(&self, nodes: &[String]) -> u64 {
+        nodes
+            .iter()
+            .map(|node| {
+                self.queue_depth
+                    .get_or_create(&NodeLabel { node: node.clone() })
+                    .get()
+            })
+            .max()
+            .map_or(0, |d| u64::try_from(d).unwrap_or(0))
     }
 
     /// The batch announced by [`Metrics::round_queued`] was not applied after all.
@@ -375,6 +400,7 @@ pub struct NodeMetrics {
     permanent: Counter,
     dead_letters: Counter,
     expired: Counter,
+    quarantined: Counter,
     /// In the order of [`NodeState::ALL`].
     states: [Gauge; 4],
 }
@@ -404,6 +430,12 @@ impl NodeMetrics {
     pub fn dead_lettered(&self) {
         self.dead_letters.inc();
         self.queue_removed(1);
+    }
+
+    /// An entry's message record could not be decoded and was quarantined; the entry leaves
+    /// the live queue (the worker marks it finished, which counts the removal).
+    pub fn quarantined(&self) {
+        self.quarantined.inc();
     }
 
     /// An entry's TTL ran out before delivery; it is finished as well, and leaves the queue

@@ -19,7 +19,7 @@ use crate::dispatch::{DeliveryConfig, Dispatcher};
 use crate::metrics::Metrics;
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::push_server_server::PushServerServer;
-use crate::store::commit::CommitOptions;
+use crate::store::commit::{CommitOptions, Limits};
 use crate::store::{Committer, Store, StoreError};
 
 /// Most of `--shutdown-timeout` kept back from the drain for closing the servers and the
@@ -66,13 +66,75 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// While the store's writes fail with an I/O error, how often the data dir is probed for
+/// free space.
+const REOPEN_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Bytes the probe writes (and fsyncs, then removes) in the data dir: one sled segment,
+/// what sled may need to go on.
+const REOPEN_PROBE_BYTES: usize = 8 * 1024 * 1024;
+/// Bound on waiting for the previous store handle to let go of sled's lock at a reopen.
+const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// How one run of the server ended.
+enum Ended {
+    /// `shutdown` resolved (or the gRPC server stopped): the manager is done.
+    Shutdown,
+    /// The store's writes failed with an I/O error and space is back: drained, to be
+    /// opened again.
+    Reopen,
+}
+
 /// Runs the manager until `shutdown` resolves, then drains and returns.
+///
+/// **Recovery from a full disk**: sled 0.34.7 refuses every write after its first write
+/// or fsync error until the store is reopened (reads keep working). So once a write fails
+/// with an I/O error ([`Store::write_failed`]), the data dir is probed every
+/// [`REOPEN_PROBE_EVERY`] by writing and fsyncing [`REOPEN_PROBE_BYTES`]; when that
+/// succeeds the server drains as for a shutdown (nothing acked is lost; unacked callers got
+/// UNAVAILABLE; deliveries resume from the store), opens the store again and serves again
+/// on the same addresses, within this call: the port is closed for a moment in between.
 pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    if cfg.disk_quota.is_some() {
-        return Err(ServerError::Config(
-            "--disk-quota is not implemented in this build yet; run without it".into(),
-        ));
+    tokio::pin!(shutdown);
+    let mut reopening: Option<tokio::time::Instant> = None;
+    loop {
+        match run_once(cfg.clone(), shutdown.as_mut()).await {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Reopen) => {
+                tracing::warn!("space is back: opening the store again");
+                reopening = Some(tokio::time::Instant::now());
+            }
+            // The previous handle may take a moment to let go of sled's lock.
+            Err(ServerError::Store {
+                source: StoreError::Locked { .. },
+                ..
+            }) if reopening.is_some_and(|t| t.elapsed() < REOPEN_LOCK_WAIT) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
+}
+
+/// Writes, fsyncs and removes a probe file of [`REOPEN_PROBE_BYTES`] in `dir`: whether
+/// there is room again for the store to write.
+fn space_is_back(dir: &std::path::Path) -> bool {
+    use std::io::Write;
+    let path = dir.join(".space-probe");
+    let ok = std::fs::File::create(&path)
+        .and_then(|mut f| {
+            f.write_all(&vec![0u8; REOPEN_PROBE_BYTES])?;
+            f.sync_all()
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
+/// One run of the server: from opening the store to the end of the drain.
+async fn run_once<F: Future<Output = ()>>(
+    cfg: ServeConfig,
+    shutdown: std::pin::Pin<&mut F>,
+) -> Result<Ended, ServerError> {
     let dir = cfg.data_dir.display().to_string();
     let store_err = |source| ServerError::Store {
         dir: dir.clone(),
@@ -112,11 +174,15 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
     }
 
     let (committed_tx, committed_rx) = watch::channel(0);
-    let (commit, committer_thread) = Committer::spawn_with_metrics(
+    let (commit, committer_thread) = Committer::spawn_with_limits(
         store.clone(),
         CommitOptions {
             durability: cfg.durability,
             dedupe_window: cfg.dedupe_window,
+        },
+        Limits {
+            disk_quota: cfg.disk_quota,
+            max_pending_per_node: cfg.max_pending_per_node,
         },
         committed_tx,
         metrics.clone(),
@@ -263,8 +329,41 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         )
     });
 
+    // Watches for the store's writes failing (a full disk), then for space to come back.
+    let reopen = CancellationToken::new();
+    let mut watcher = {
+        let store = store.clone();
+        let reopen = reopen.clone();
+        let dir = cfg.data_dir.clone();
+        tokio::spawn(async move {
+            let mut logged = false;
+            loop {
+                tokio::time::sleep(REOPEN_PROBE_EVERY).await;
+                if !store.write_failed() {
+                    continue;
+                }
+                if !logged {
+                    tracing::error!(
+                        "store writes fail (see above); broadcasts get UNAVAILABLE until \
+                         space is back, then the store is reopened"
+                    );
+                    logged = true;
+                }
+                let dir = dir.clone();
+                let back = tokio::task::spawn_blocking(move || space_is_back(&dir))
+                    .await
+                    .unwrap_or(false);
+                if back {
+                    reopen.cancel();
+                    return;
+                }
+            }
+        })
+    };
+
     let mut result = Ok(());
     let mut server_done = false;
+    let mut reopening = false;
     tokio::select! {
         () = shutdown => {}
         r = &mut server => {
@@ -272,7 +371,13 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
             result = served(r);
             server_done = true;
         }
+        () = reopen.cancelled() => {
+            tracing::warn!("space is back; draining to reopen the store");
+            reopening = true;
+        }
     }
+    watcher.abort();
+    let _ = (&mut watcher).await;
 
     // The drain, in the order crate::shutdown documents; the gRPC server keeps answering
     // (health NOT_SERVING, Broadcast UNAVAILABLE) until step 5.
@@ -348,7 +453,9 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
             .name("final-sync".into())
             .spawn(move || {
                 let _ = committer_thread.join();
-                let _ = tx.send(store.sync());
+                // Also records the sequence counter, so that a store damaged while stopped
+                // is refused at the next start (crate::store::StoreError::Damaged).
+                let _ = tx.send(store.mark_clean_stop());
             });
         match spawned {
             Err(e) => tracing::error!(error = %e, "cannot start the final store sync"),
@@ -361,7 +468,10 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         }
     }
     tracing::info!("push-manager stopped");
-    result
+    result.map(|()| match reopening {
+        true => Ended::Reopen,
+        false => Ended::Shutdown,
+    })
 }
 
 /// Binds a listen address, naming it in the error.

@@ -240,6 +240,7 @@ fn parse_records_skips_torn_and_unfinished_lines() {
     let text = "a\t1\t1\tm1\n\
                 torn-by-kil\n\
                 b\t2\t3\t\n\
+                d\t4\t1\tm1\t1700000000000\t500\n\
                 c\t3\t1\tm";
     let expected = vec![
         record("a", 1, 1),
@@ -249,6 +250,7 @@ fn parse_records_skips_torn_and_unfinished_lines() {
             attempt: 3,
             manager_id: String::new(),
         },
+        record("d", 4, 1),
     ];
     assert_eq!(parse_records(text), expected);
 }

@@ -70,7 +70,8 @@ struct Args {
     node_id: String,
 
     /// Append one line per broadcast answered OK to FILE:
-    /// `msg_id<TAB>seq<TAB>attempt<TAB>manager_id`. Each line is written with a single
+    /// `msg_id<TAB>seq<TAB>attempt<TAB>manager_id<TAB>arrival_unix_ms<TAB>ttl_ms` (readers
+    /// should accept further trailing fields). Each line is written with a single
     /// write(2) in append mode, so lines stay whole even if the sim is killed. An existing file
     /// is appended to, never truncated.
     #[arg(long, value_name = "FILE")]
@@ -224,9 +225,14 @@ impl Recorder {
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
+        // Arrival time and the remaining TTL the manager sent let a checker tell a stale
+        // delivery from a timely one.
+        let arrival_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
         let line = format!(
-            "{}\t{}\t{}\t{}\n",
-            req.msg_id, req.seq, req.attempt, manager_id
+            "{}\t{}\t{}\t{}\t{}\t{}\n",
+            req.msg_id, req.seq, req.attempt, manager_id, arrival_ms, req.ttl_ms
         );
         // `&File` is `Write`, so handlers share the file without a lock; O_APPEND makes each
         // write land at the end. A short write would leave half a line: report it, never retry

@@ -179,6 +179,7 @@ fn commit_status(e: CommitError) -> Status {
         CommitError::ShuttingDown => Status::unavailable("the manager is shutting down"),
         CommitError::NoNodes => Status::unavailable("no connect-nodes known"),
         CommitError::Store(m) => Status::internal(format!("store: {m}")),
+        CommitError::Exhausted(m) => Status::resource_exhausted(m),
     }
 }
 

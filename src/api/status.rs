@@ -19,6 +19,9 @@ pub enum Rejected {
     /// The store could not make the message durable; it was not acked.
     #[error("store unavailable: {0}")]
     Store(String),
+    /// `--disk-quota` or `--max-pending-per-node` would be passed; nothing was queued.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 impl Rejected {
@@ -29,6 +32,7 @@ impl Rejected {
             Rejected::NoNodes => "no_nodes",
             Rejected::ShuttingDown => "shutting_down",
             Rejected::Store(_) => "store",
+            Rejected::Exhausted(_) => "exhausted",
         }
     }
 }
@@ -39,6 +43,7 @@ impl From<CommitError> for Rejected {
             CommitError::NoNodes => Rejected::NoNodes,
             CommitError::ShuttingDown => Rejected::ShuttingDown,
             CommitError::Store(m) => Rejected::Store(m),
+            CommitError::Exhausted(m) => Rejected::Exhausted(m),
         }
     }
 }
@@ -47,6 +52,8 @@ impl From<Rejected> for Status {
     fn from(r: Rejected) -> Status {
         match r {
             Rejected::Invalid(m) => Status::invalid_argument(m),
+            // CONTRACT: "disk quota reached: RESOURCE_EXHAUSTED, and nothing was queued".
+            Rejected::Exhausted(m) => Status::resource_exhausted(m),
             other @ (Rejected::NoNodes | Rejected::ShuttingDown | Rejected::Store(_)) => {
                 Status::unavailable(other.to_string())
             }

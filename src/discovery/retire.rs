@@ -11,20 +11,30 @@
 //!    so its queue stops growing.
 //! 2. Its delivery worker is removed ([`Dispatcher::remove_node`]): it writes its progress
 //!    back and exits, so no in-memory state of it can touch the queue afterwards.
-//! 3. Page by page ([`PAGE_ENTRIES`] entries or [`PAGE_BYTES`] of payload at most, one
-//!    message in memory at a time, in a blocking task, with a yield between pages so the
-//!    accept path and the other nodes never wait for a whole queue): the lines are
-//!    appended to `<data_dir>/archive/<node>.<absent_since_ms>.jsonl`, the file is
-//!    fsynced, and only then is the archived part removed from the store
-//!    ([`Store::remove_archived`], synced). Live entries first, then dead letters.
+//! 3. Page by page ([`PAGE_ENTRIES`] entries (or [`PAGE_ENTRIES_ENV`]) or [`PAGE_BYTES`] of
+//!    payload at most, one message in memory at a time, in a blocking task, with a yield
+//!    between pages so the accept path and the other nodes never wait for a whole queue):
+//!    the lines are appended to `<data_dir>/archive/<node>.<absent_since_ms>.jsonl`, the
+//!    file is fsynced, and only then is the archived part removed from the store
+//!    ([`Store::remove_archived`], synced) **in the same batch as the file's new committed
+//!    length** ([`ArchiveProgress`], key `a/<node>`). Live entries first, then dead letters.
 //! 4. ([`Store::remove_node`], called by the discovery task) the node's record and absence
 //!    mark go, which the store refuses while any entry is left: an entry written by a
 //!    commit round that raced step 1 is archived by another pass instead of being lost.
 //!
 //! A crash or shutdown in the middle leaves the node's record and absence mark in place,
 //! so the next start resumes the retirement, appending to the same file (its name depends
-//! only on the node and its absence start). A crash between a page's fsync and the store's
-//! sync can repeat that page's lines; `(node_id, seq)` identifies a line.
+//! only on the node and its absence start). **Exactly once**: before its first line a
+//! retirement records the file's length as committed; a resumed one first truncates the
+//! file to the committed length. Lines past it belong to a page whose removal from the
+//! store never became durable (a crash between the page's fsync and the store's), so
+//! those entries are still queued and are written again, once. The committed length and
+//! the removal move in one atomic batch, so no crash point loses or repeats a line.
+//!
+//! Step 1 is a barrier with the committer ([`Store::stop_fan_out`]): a commit round that
+//! read the fan-out set before the node left it has applied its batch when step 1 returns,
+//! so step 3 sees its entries; [`Store::remove_node`] checks and removes under the same
+//! barrier.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -34,7 +44,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
-use crate::store::{Store, StoreError};
+use crate::store::{ArchiveProgress, Store, StoreError};
 
 use super::DiscoveryError;
 use crate::report::ExportRecord;
@@ -42,6 +52,10 @@ use crate::store::{QueueEntry, QueueKind};
 
 /// Most entries archived per step.
 pub const PAGE_ENTRIES: usize = 1000;
+/// Environment variable overriding [`PAGE_ENTRIES`] (a positive integer): a tuning and
+/// testing knob, read once per retirement pass; the crash test uses small pages to stop a
+/// manager in the middle of a long retirement.
+pub const PAGE_ENTRIES_ENV: &str = "PUSH_MANAGER_RETIRE_PAGE_ENTRIES";
 /// Most payload bytes archived per step (a step ends after the entry that crosses it).
 pub const PAGE_BYTES: u64 = 16 << 20;
 /// Ranges read per step; a range holds one commit round's share.
@@ -78,9 +92,20 @@ pub async fn archive_queue(
 ) -> Result<Option<ArchiveReport>, DiscoveryError> {
     dispatcher.remove_node(&node).await;
     let path = archive_path(&archive_dir, &node, absent_since_ms);
-    let file = {
-        let (dir, path) = (archive_dir.clone(), path.clone());
-        blocking(move || open_archive(&dir, &path)).await??
+    let page_entries = page_entries();
+    let (file, mut offset) = {
+        let (dir, path, store, node) = (
+            archive_dir.clone(),
+            path.clone(),
+            store.clone(),
+            node.clone(),
+        );
+        blocking(move || {
+            let file = open_archive(&dir, &path)?;
+            let offset = resume_at(&store, &node, absent_since_ms, &file, &path)?;
+            Ok::<_, DiscoveryError>((file, offset))
+        })
+        .await??
     };
     let file = Arc::new(file);
     let mut report = ArchiveReport {
@@ -94,7 +119,14 @@ pub async fn archive_queue(
             return Ok(None);
         }
         let (store, node, file, path) = (store.clone(), node.clone(), file.clone(), path.clone());
-        let page = blocking(move || archive_page(&store, &node, &file, &path)).await??;
+        let at = Progress {
+            absent_since_ms,
+            offset,
+            page_entries,
+        };
+        let (page, next) =
+            blocking(move || archive_page(&store, &node, &file, &path, at)).await??;
+        offset = next;
         if page == Page::default() {
             return Ok(Some(report));
         }
@@ -138,6 +170,89 @@ fn open_archive(dir: &Path, path: &Path) -> Result<File, DiscoveryError> {
     Ok(file)
 }
 
+/// The page size: [`PAGE_ENTRIES_ENV`] if set to a positive integer, else [`PAGE_ENTRIES`].
+fn page_entries() -> usize {
+    match std::env::var(PAGE_ENTRIES_ENV) {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                tracing::warn!(value = %v, default = PAGE_ENTRIES,
+                               "{PAGE_ENTRIES_ENV} is not a positive integer; using the default");
+                PAGE_ENTRIES
+            }
+        },
+        Err(_) => PAGE_ENTRIES,
+    }
+}
+
+/// The committed length of the archive, after making the file agree with it: lines past
+/// it are a page whose removal from the store was not committed (cut off, written again);
+/// a retirement that has not recorded one yet records the file's current length first.
+fn resume_at(
+    store: &Store,
+    node: &str,
+    absent_since_ms: u64,
+    file: &File,
+    path: &Path,
+) -> Result<u64, DiscoveryError> {
+    let io_err = |source| DiscoveryError::Archive {
+        path: path.display().to_string(),
+        source,
+    };
+    let len = file.metadata().map_err(io_err)?.len();
+    let recorded = store
+        .archive_progress(node)
+        .map_err(|e| DiscoveryError::store(format!("reading archive progress of {node}"), e))?
+        .filter(|p| p.absent_since_ms == absent_since_ms);
+    match recorded {
+        Some(p) if len > p.offset => {
+            tracing::info!(node, archive = %path.display(), committed = p.offset, bytes = len - p.offset,
+                           "resuming a retirement: cutting off the last page's lines, whose entries are still queued");
+            file.set_len(p.offset).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+            Ok(p.offset)
+        }
+        Some(p) if len < p.offset => {
+            // Cannot happen while fsync keeps its promise: each page is fsynced before the
+            // store records it. Nothing to recover (those entries left the store).
+            tracing::error!(node, archive = %path.display(), committed = p.offset, len,
+                            "the archive is shorter than its committed length; lines are missing");
+            set_progress(store, node, absent_since_ms, len)?;
+            Ok(len)
+        }
+        Some(p) => Ok(p.offset),
+        None => {
+            set_progress(store, node, absent_since_ms, len)?;
+            Ok(len)
+        }
+    }
+}
+
+fn set_progress(
+    store: &Store,
+    node: &str,
+    absent_since_ms: u64,
+    offset: u64,
+) -> Result<(), DiscoveryError> {
+    store
+        .set_archive_progress(
+            node,
+            &ArchiveProgress {
+                absent_since_ms,
+                offset,
+            },
+        )
+        .map_err(|e| DiscoveryError::store(format!("recording archive progress of {node}"), e))
+}
+
+/// Where a page starts: the archive's committed length, and the page size.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    absent_since_ms: u64,
+    offset: u64,
+    page_entries: usize,
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -173,13 +288,15 @@ fn write_entry(
 }
 
 /// One step: archives and removes up to a page of live entries or, once none is left, of
-/// dead letters. An empty [`Page`] means the queue is empty.
+/// dead letters. An empty [`Page`] means the queue is empty. Returns the archive's new
+/// committed length with the page.
 fn archive_page(
     store: &Store,
     node: &str,
     file: &File,
     path: &Path,
-) -> Result<Page, DiscoveryError> {
+    at: Progress,
+) -> Result<(Page, u64), DiscoveryError> {
     let io_err = |source| DiscoveryError::Archive {
         path: path.display().to_string(),
         source,
@@ -228,28 +345,38 @@ fn archive_page(
             }
             count += 1;
             last = Some(seq);
-            if count >= PAGE_ENTRIES || bytes >= PAGE_BYTES {
+            if count >= at.page_entries || bytes >= PAGE_BYTES {
                 break 'page;
             }
         }
     }
+    let committed = |offset| ArchiveProgress {
+        absent_since_ms: at.absent_since_ms,
+        offset,
+    };
     if let Some(through) = last {
-        finish(out, io_err)?;
+        let offset = finish(out, io_err)?;
         store
-            .remove_archived(node, Some(through), None, PAGE_RANGES)
+            .remove_archived(
+                node,
+                Some(through),
+                None,
+                PAGE_RANGES,
+                Some(&committed(offset)),
+            )
             .map_err(store_err("removing the archived queue"))?;
-        return Ok(page);
+        return Ok((page, offset));
     }
 
     let dead = store
-        .dead_letters_from(node, 0, PAGE_ENTRIES)
+        .dead_letters_from(node, 0, at.page_entries)
         .map_err(store_err("reading dead letters"))?;
     let Some(through) = dead.last().map(|d| d.seq) else {
         // Entries that are all finished but whose range was not deleted yet.
         store
-            .remove_archived(node, Some(u64::MAX), None, PAGE_RANGES)
+            .remove_archived(node, Some(u64::MAX), None, PAGE_RANGES, None)
             .map_err(store_err("removing finished ranges"))?;
-        return Ok(page);
+        return Ok((page, at.offset));
     };
     for d in dead {
         let entry = QueueEntry {
@@ -270,20 +397,28 @@ fn archive_page(
             false => page.unreadable += 1,
         }
     }
-    finish(out, io_err)?;
+    let offset = finish(out, io_err)?;
     store
-        .remove_archived(node, None, Some(through), PAGE_ENTRIES)
+        .remove_archived(
+            node,
+            None,
+            Some(through),
+            at.page_entries,
+            Some(&committed(offset)),
+        )
         .map_err(store_err("removing archived dead letters"))?;
-    Ok(page)
+    Ok((page, offset))
 }
 
-/// Flushes and fsyncs the page's lines: the store may drop them only after this.
+/// Flushes and fsyncs the page's lines (the store may drop them only after this); returns
+/// the file's length, the page's committed length once the store records it.
 fn finish(
     out: BufWriter<&File>,
     io_err: impl Fn(std::io::Error) -> DiscoveryError,
-) -> Result<(), DiscoveryError> {
+) -> Result<u64, DiscoveryError> {
     let file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
-    file.sync_data().map_err(io_err)
+    file.sync_data().map_err(&io_err)?;
+    Ok(file.metadata().map_err(&io_err)?.len())
 }
 
 #[cfg(test)]
@@ -397,7 +532,10 @@ mod tests {
             .unwrap();
         assert!(!store.remove_node("n").unwrap());
         assert!(store.nodes().unwrap().contains_key("n"));
-        assert_eq!(store.remove_archived("n", Some(6), None, 8).unwrap(), 1);
+        assert_eq!(
+            store.remove_archived("n", Some(6), None, 8, None).unwrap(),
+            1
+        );
         let left = store.ranges("n", None, 8).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(
@@ -405,7 +543,181 @@ mod tests {
             [2],
             "only seq 7 is left"
         );
-        assert_eq!(store.remove_archived("n", Some(7), None, 8).unwrap(), 1);
+        assert_eq!(
+            store.remove_archived("n", Some(7), None, 8, None).unwrap(),
+            1
+        );
         assert!(store.remove_node("n").unwrap());
+    }
+
+    fn accept(id: String) -> Accept {
+        Accept {
+            msg_id: Some(id),
+            topic: "t".into(),
+            headers: vec![],
+            payload: vec![b'y'; 8],
+            ttl_ms: 0,
+        }
+    }
+
+    fn committer(store: &Store) -> (crate::store::CommitHandle, std::thread::JoinHandle<()>) {
+        let (tx, _rx) = watch::channel(0);
+        Committer::spawn(
+            store.clone(),
+            CommitOptions {
+                durability: Durability::Fsync,
+                dedupe_window: Duration::from_secs(600),
+            },
+            tx,
+        )
+        .unwrap()
+    }
+
+    fn archived_ids(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<ExportRecord>(l).unwrap().msg_id)
+            .collect()
+    }
+
+    /// A crash after a page's lines were fsynced but before the store recorded their
+    /// removal: the resumed retirement cuts them off and writes them once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_retirement_writes_each_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.upsert_node("gone", "127.0.0.1:1", false).unwrap();
+        let (commit, thread) = committer(&store);
+        for i in 0..50 {
+            commit.accept(accept(format!("r-{i}"))).await.unwrap();
+        }
+        commit.stop().await.unwrap();
+        thread.join().unwrap();
+        store.stop_fan_out("gone");
+
+        let archive = dir.path().join("archive");
+        let path = archive_path(&archive, "gone", 7);
+        let file = open_archive(&archive, &path).unwrap();
+        let offset = resume_at(&store, "gone", 7, &file, &path).unwrap();
+        assert_eq!(offset, 0);
+        let at = Progress {
+            absent_since_ms: 7,
+            offset,
+            page_entries: 10,
+        };
+        let (page, offset) = archive_page(&store, "gone", &file, &path, at).unwrap();
+        assert_eq!(page.live, 10);
+        // The next page reaches the disk, then the process dies before the store's batch;
+        // plus a torn line.
+        let before = std::fs::read_to_string(&path).unwrap();
+        let again: String = before.lines().take(10).map(|l| format!("{l}\n")).collect();
+        {
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            write!(f, "{again}{{\"msg_id\":\"torn").unwrap();
+        }
+        assert_eq!(
+            store.archive_progress("gone").unwrap().unwrap().offset,
+            offset
+        );
+        drop(file);
+
+        let report = archive_queue(
+            store.clone(),
+            Arc::new(Dispatcher::new(
+                store.clone(),
+                DeliveryConfig {
+                    manager_id: "m".into(),
+                    max_in_flight: 1,
+                    max_attempts: 1,
+                    backoff_initial: Duration::from_millis(10),
+                    backoff_max: Duration::from_millis(10),
+                    delivery_timeout: Duration::from_secs(1),
+                },
+                watch::channel(0).1,
+                CancellationToken::new(),
+            )),
+            "gone".into(),
+            7,
+            archive.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(report.live, 40);
+        let ids = archived_ids(&path);
+        let want: Vec<String> = (0..50).map(|i| format!("r-{i}")).collect();
+        assert_eq!(ids, want, "every entry once, in order");
+        assert!(store.remove_node("gone").unwrap());
+        assert!(
+            store.archive_progress("gone").unwrap().is_none(),
+            "the progress record goes with the node"
+        );
+    }
+
+    /// The fan-out barrier: with broadcasts committed concurrently, every message a round
+    /// queued for the retiring node (node_count 2) is in its archive and none is left in
+    /// the store after the node is removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn no_round_writes_to_a_node_after_it_left_the_fan_out_set() {
+        for attempt in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            store.upsert_node("gone", "127.0.0.1:1", false).unwrap();
+            store.upsert_node("stays", "127.0.0.1:2", false).unwrap();
+            let (commit, thread) = committer(&store);
+            let senders: Vec<_> = (0..8)
+                .map(|t| {
+                    let commit = commit.clone();
+                    tokio::spawn(async move {
+                        let mut got = Vec::new();
+                        for i in 0..150 {
+                            let id = format!("b-{t}-{i}");
+                            let r = commit.accept(accept(id.clone())).await.unwrap();
+                            got.push((id, r.node_count));
+                        }
+                        got
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+            let st = store.clone();
+            tokio::task::spawn_blocking(move || st.stop_fan_out("gone"))
+                .await
+                .unwrap();
+            let archive = dir.path().join("archive");
+            let path = archive_path(&archive, "gone", 1);
+            let file = open_archive(&archive, &path).unwrap();
+            let mut offset = resume_at(&store, "gone", 1, &file, &path).unwrap();
+            loop {
+                let at = Progress {
+                    absent_since_ms: 1,
+                    offset,
+                    page_entries: 100,
+                };
+                let (page, next) = archive_page(&store, "gone", &file, &path, at).unwrap();
+                offset = next;
+                if page == Page::default() {
+                    break;
+                }
+            }
+            assert!(store.remove_node("gone").unwrap(), "nothing left behind");
+            let mut queued_for_gone = Vec::new();
+            for s in senders {
+                for (id, count) in s.await.unwrap() {
+                    if count == 2 {
+                        queued_for_gone.push(id);
+                    }
+                }
+            }
+            commit.stop().await.unwrap();
+            thread.join().unwrap();
+            assert!(store.ranges("gone", None, 1).unwrap().is_empty());
+            let mut ids = archived_ids(&path);
+            ids.sort();
+            queued_for_gone.sort();
+            assert_eq!(ids, queued_for_gone, "attempt {attempt}");
+        }
     }
 }

@@ -269,14 +269,23 @@ impl NodeWorker {
             let msg = match self.store.message(seq) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
+                    // Quarantined already (by another node's worker, or `verify --repair`).
+                    if let Ok(true) = self.store.message_quarantined(seq) {
+                        tracing::error!(
+                            node = %self.node, seq,
+                            "message record m/{seq} is in quarantine; the entry leaves the queue"
+                        );
+                        self.metrics.quarantined();
+                        self.finish(st, seq);
+                        continue;
+                    }
                     let reason = format!("message record m/{seq} is missing");
                     tracing::error!(node = %self.node, seq, "{reason}; moving to dead letters");
                     self.dead_letter(st, seq, entry, None, reason);
                     continue;
                 }
                 Err(e @ StoreError::Corrupt { .. }) => {
-                    tracing::error!(node = %self.node, seq, error = %e, "moving to dead letters");
-                    self.dead_letter(st, seq, entry, None, e.to_string());
+                    self.quarantine(st, seq, entry, &e);
                     continue;
                 }
                 Err(e) => {
@@ -455,6 +464,31 @@ impl NodeWorker {
             }
         } else {
             st.dirty.insert(start);
+        }
+    }
+
+    /// Message `seq` cannot be decoded: its record goes to the quarantine keyspace (kept,
+    /// for an operator; `queue-dump verify` counts it) and the entry leaves this node's
+    /// queue, reported at error and in `push_manager_quarantined_total`, so one bad record
+    /// never stops the worker or holds up the entries behind it. Other nodes' entries for it
+    /// find it quarantined and leave their queues the same way. On a store error the entry
+    /// stays live and is retried.
+    fn quarantine(&self, st: &mut State, seq: u64, mut entry: Entry, error: &StoreError) {
+        match self.store.quarantine_message(seq) {
+            Ok(_) => {
+                tracing::error!(
+                    node = %self.node, seq, %error,
+                    "undecodable message record moved to quarantine as x/m/{seq}; the entry \
+                     leaves the queue (see queue-dump verify)"
+                );
+                self.metrics.quarantined();
+                self.finish(st, seq);
+            }
+            Err(e) => {
+                tracing::error!(node = %self.node, seq, error = %e, "quarantining a message failed");
+                entry.not_before = Some(Instant::now() + STORE_RETRY);
+                st.waiting.insert(seq, entry);
+            }
         }
     }
 

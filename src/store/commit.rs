@@ -72,6 +72,10 @@ pub enum CommitError {
     /// The committer has stopped (the manager is shutting down).
     #[error("shutting down")]
     ShuttingDown,
+    /// Accepting the message would pass `--disk-quota` or `--max-pending-per-node`
+    /// ([`Limits`]); nothing of it was written. The message says which limit and by how much.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 enum Request {
@@ -81,6 +85,21 @@ enum Request {
     /// Move dead letters back into a node's live queue with fresh sequence numbers, which
     /// only the committer may hand out ([`super::inspect`]).
     Replay(Box<ReplayJob>),
+}
+
+/// What callers of a failed round are told. sled 0.34.7 keeps failing every write after
+/// its first write or fsync error (the error is sticky inside its log until the store is
+/// reopened; reads keep working); the server reopens the store once space is back
+/// (`crate::server::run`).
+fn store_failure(e: &StoreError) -> String {
+    match e {
+        StoreError::Io { .. } => format!(
+            "{e}; nothing of this message was acked. The store refuses writes after an I/O \
+             error until it is reopened: free space (or fix the disk) and the manager reopens \
+             it by itself; every acked message is kept"
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// A [`CommitHandle::replay`] waiting for the committer.
@@ -149,6 +168,45 @@ pub struct CommitOptions {
     pub dedupe_window: Duration,
 }
 
+/// Admission limits of the committer: a broadcast that would pass one is refused with
+/// [`CommitError::Exhausted`] before anything of it is written, and nothing already queued
+/// is ever dropped to make room.
+///
+/// **What the disk quota counts**, kept by the committer without reading the store:
+///
+/// - the store's size as sled reports it ([`Store::size_on_disk`]: the length of its log
+///   file plus its blob files), measured at start, after every commit round and at every
+///   housekeeping pass. sled's log file grows a whole segment at a time, so its length
+///   moves in steps; whenever it changes, the count starts again from it;
+/// - plus the estimated bytes of every round accepted since that measurement whose
+///   messages are not yet reclaimed (a round stops counting once every node has finished
+///   it and housekeeping deleted its payloads);
+/// - plus, for the round being built, the encoded size of every record it would add (keys
+///   and values, with [`RECORD_OVERHEAD`] per record: each message and its dedupe entry,
+///   and once per round a range record per node, the round index and the sequence
+///   counter).
+///
+/// A message is refused when that sum would pass the quota, so the first write over it is
+/// the one refused, and a refused message writes nothing. The count is an estimate of
+/// sled's files, not their exact size: sled rewrites pages it updates and allocates its log
+/// a segment (8 MiB) at a time, so the files may pass the quota by up to about one segment,
+/// and a quota below the size of a fresh store (one segment) refuses everything. Dead
+/// letters and dedupe entries are not subtracted when they go; space sled gives back (it
+/// truncates free trailing segments) is counted again at the next measurement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// `--disk-quota`: bound of the count above, in bytes; `None`: no quota.
+    pub disk_quota: Option<u64>,
+    /// `--max-pending-per-node`: most live entries (in flight and backing off included, dead
+    /// letters excluded) any one node's queue may hold; `None`: no limit. Checked against the
+    /// exact per-node queue depths the metrics keep, never by reading the store.
+    pub max_pending_per_node: Option<u64>,
+}
+
+/// Bytes added to each record's key and value length in the disk quota's estimate: sled's
+/// per-entry framing and headers, rounded up.
+pub const RECORD_OVERHEAD: u64 = 32;
+
 /// The committer thread's state.
 pub struct Committer {
     store: Store,
@@ -164,6 +222,14 @@ pub struct Committer {
     reclaimed_below: u64,
     /// Queue depths, broadcast results and commit rounds (see [`crate::metrics`]).
     metrics: Arc<Metrics>,
+    /// Disk quota and per-node pending limit.
+    limits: Limits,
+    /// The store's size on disk at the last measurement (see [`Limits`]).
+    store_bytes: u64,
+    /// Rounds accepted since that measurement and not yet reclaimed: start sequence ->
+    /// (end sequence, exclusive; estimated bytes), and the sum of those bytes.
+    unreclaimed: std::collections::BTreeMap<u64, (u64, u64)>,
+    unreclaimed_bytes: u64,
 }
 
 impl Committer {
@@ -185,7 +251,22 @@ impl Committer {
         committed: watch::Sender<u64>,
         metrics: Arc<Metrics>,
     ) -> Result<(CommitHandle, std::thread::JoinHandle<()>), StoreError> {
+        Self::spawn_with_limits(store, opts, Limits::default(), committed, metrics)
+    }
+
+    /// [`Committer::spawn_with_metrics`], refusing broadcasts that would pass `limits`.
+    pub fn spawn_with_limits(
+        store: Store,
+        opts: CommitOptions,
+        limits: Limits,
+        committed: watch::Sender<u64>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(CommitHandle, std::thread::JoinHandle<()>), StoreError> {
         let (tx, rx) = mpsc::channel();
+        let store_bytes = match limits.disk_quota {
+            Some(_) => store.size_on_disk()?,
+            None => 0,
+        };
         let next_seq = store.next_seq()?;
         committed.send_replace(next_seq - 1);
         store
@@ -203,6 +284,10 @@ impl Committer {
             last_housekeeping: Instant::now(),
             reclaimed_below: 0,
             metrics,
+            limits,
+            store_bytes,
+            unreclaimed: std::collections::BTreeMap::new(),
+            unreclaimed_bytes: 0,
         };
         let thread = std::thread::Builder::new()
             .name("committer".into())
@@ -326,6 +411,11 @@ impl Committer {
 
     /// One commit round: see the module docs.
     fn round(&mut self, accepts: Vec<(Accept, oneshot::Sender<Result<Accepted, CommitError>>)>) {
+        // Held until the batch is applied: a node leaving the fan-out set meanwhile
+        // (`Store::stop_fan_out`) waits for it, so the retirement that follows sees every
+        // entry this round gives the node. Released before the sync.
+        let store = self.store.clone();
+        let barrier = store.fan_out_barrier();
         let nodes = self.store.known_nodes();
         let node_count = nodes.len() as u32;
         let now = now_ms();
@@ -337,6 +427,13 @@ impl Committer {
         let mut ids = Vec::new();
         let mut replies = Vec::with_capacity(accepts.len());
         let mut failure: Option<String> = None;
+        // Admission (see [`Limits`]): one depth lookup per node per round, and the bytes
+        // this round would add, counted as its records are encoded.
+        let max_depth = match self.limits.max_pending_per_node {
+            Some(_) => self.metrics.max_queue_depth(&nodes),
+            None => 0,
+        };
+        let mut round_bytes = self.round_fixed_bytes(&nodes);
 
         for (a, tx) in accepts {
             if nodes.is_empty() {
@@ -378,15 +475,54 @@ impl Committer {
                 node_count,
                 accepted_at_ms: now,
             };
-            let written = record::encode(&dedupe).and_then(|d| {
-                Store::put_message(&mut batch, seq, &message)?;
-                batch.insert(keys::dedupe(&msg_id), d);
-                Ok(())
-            });
-            if let Err(e) = written {
-                let _ = tx.send(Err(CommitError::Store(e.to_string())));
-                continue;
+            if let Some(limit) = self.limits.max_pending_per_node {
+                let pending = max_depth + (seq - start);
+                if pending >= limit {
+                    let _ = tx.send(Err(CommitError::Exhausted(format!(
+                        "a node's queue holds {pending} pending entries; \
+                         --max-pending-per-node is {limit}; nothing was queued; retry once \
+                         deliveries catch up, or raise the limit"
+                    ))));
+                    continue;
+                }
             }
+            let encoded = record::encode(&dedupe)
+                .and_then(|d| Ok((d, record::encode_message(seq, &message)?)));
+            let (dedupe_bytes, records) = match encoded {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = tx.send(Err(CommitError::Store(e.to_string())));
+                    continue;
+                }
+            };
+            if let Some(quota) = self.limits.disk_quota {
+                let dedupe_key = keys::dedupe(&msg_id);
+                let need = records
+                    .iter()
+                    .map(|(k, v)| (k.len() + v.len()) as u64 + RECORD_OVERHEAD)
+                    .sum::<u64>()
+                    + (dedupe_key.len() + dedupe_bytes.len()) as u64
+                    + RECORD_OVERHEAD
+                    // Its msg_id in the round index, its bit in each node's range record.
+                    + msg_id.len() as u64
+                    + 8
+                    + nodes.len() as u64 / 8
+                    + 1;
+                let counted = self.store_bytes + self.unreclaimed_bytes + round_bytes;
+                if counted + need > quota {
+                    let _ = tx.send(Err(CommitError::Exhausted(format!(
+                        "disk quota reached: the store counts {counted} bytes and this \
+                         message needs about {need} more; --disk-quota is {quota}; nothing \
+                         was queued; retry once deliveries free space, or raise --disk-quota"
+                    ))));
+                    continue;
+                }
+                round_bytes += need;
+            }
+            for (k, v) in records {
+                batch.insert(k, v);
+            }
+            batch.insert(keys::dedupe(&msg_id), dedupe_bytes);
             seq += 1;
             in_round.insert(msg_id.clone(), node_count);
             ids.push(msg_id.clone());
@@ -410,10 +546,15 @@ impl Committer {
                 batch.insert(keys::META_NEXT_SEQ, record::encode(&seq)?);
                 self.store.apply(batch, "writing a commit round")
             })();
+            drop(barrier);
             // Once the batch is applied its sequence numbers are taken, even if the sync
             // fails: reusing them would overwrite records that may yet reach the disk.
             if applied.is_ok() {
                 self.next_seq = seq;
+                if self.limits.disk_quota.is_some() {
+                    self.unreclaimed.insert(start, (seq, round_bytes));
+                    self.unreclaimed_bytes += round_bytes;
+                }
             } else {
                 self.metrics.round_not_queued(&nodes, len);
             }
@@ -422,9 +563,11 @@ impl Committer {
                 Durability::Buffered => Ok(()),
             });
             if let Err(e) = durable {
-                tracing::error!(error = %e, "commit round failed; its callers get UNAVAILABLE");
-                failure = Some(e.to_string());
+                let why = store_failure(&e);
+                tracing::error!(error = %why, "commit round failed; its callers get UNAVAILABLE");
+                failure = Some(why);
             }
+            self.measure_store();
         }
 
         if failure.is_none() {
@@ -453,11 +596,62 @@ impl Committer {
         }
     }
 
+    /// What a round adds besides its messages, for the disk quota (see [`Limits`]): a range
+    /// record per node, the round index and the sequence counter. 0 without a quota.
+    fn round_fixed_bytes(&self, nodes: &[String]) -> u64 {
+        if self.limits.disk_quota.is_none() {
+            return 0;
+        }
+        let range = record::encode(&RangeRecord::new(1)).map_or(64, |r| r.len() as u64);
+        let per_node: u64 = nodes
+            .iter()
+            .map(|n| keys::range(n, 0).len() as u64 + range + RECORD_OVERHEAD)
+            .sum();
+        per_node
+            + keys::round_index(0, 0).len() as u64
+            + 16
+            + keys::META_NEXT_SEQ.len() as u64
+            + 16
+            + 2 * RECORD_OVERHEAD
+    }
+
+    /// Refreshes the store size the disk quota counts from; a failed measurement keeps the
+    /// last one (and is logged), since it only bounds new accepts.
+    fn measure_store(&mut self) {
+        if self.limits.disk_quota.is_none() {
+            return;
+        }
+        match self.store.size_on_disk() {
+            Ok(n) if n != self.store_bytes => {
+                // The files moved (a new segment, or space given back): they now reflect
+                // what was written so far.
+                self.store_bytes = n;
+                self.unreclaimed.clear();
+                self.unreclaimed_bytes = 0;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot measure the store for --disk-quota"),
+        }
+    }
+
+    /// Rounds whose messages are all reclaimed (below `lwm`) stop counting for the quota.
+    fn forget_reclaimed(&mut self, lwm: u64) {
+        while let Some(entry) = self.unreclaimed.first_entry() {
+            let (end, bytes) = *entry.get();
+            if end > lwm {
+                break;
+            }
+            entry.remove();
+            self.unreclaimed_bytes = self.unreclaimed_bytes.saturating_sub(bytes);
+        }
+    }
+
     /// Reclaims payloads below the low-water mark and expires dedupe entries. The sync
     /// between computing the mark and deleting is what invariant 3 relies on: the queue
     /// progress the mark was read from is durable before any payload it frees is gone.
     fn housekeeping(&mut self) {
         self.last_housekeeping = Instant::now();
+        self.measure_store();
         let result = (|| -> Result<(), StoreError> {
             let lwm = self.store.low_water_mark(self.next_seq)?;
             if lwm > self.reclaimed_below {
@@ -465,6 +659,7 @@ impl Committer {
                 let n = self.store.delete_messages_below(lwm, HOUSEKEEPING_LIMIT)?;
                 if n < HOUSEKEEPING_LIMIT {
                     self.reclaimed_below = lwm;
+                    self.forget_reclaimed(lwm);
                 }
             }
             let cutoff = now_ms().saturating_sub(self.opts.dedupe_window.as_millis() as u64);
@@ -474,5 +669,115 @@ impl Committer {
         if let Err(e) = result {
             tracing::warn!(error = %e, "store housekeeping failed; will retry");
         }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    // Test code: a panic is a failed test with its message (see clippy.toml).
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn accept(id: &str, size: usize) -> Accept {
+        Accept {
+            msg_id: Some(id.to_string()),
+            topic: String::new(),
+            headers: Vec::new(),
+            payload: vec![7; size],
+            ttl_ms: 0,
+        }
+    }
+
+    /// A committer on a store with nodes a and b; `limits.disk_quota` is the room left
+    /// above the store's size once set up.
+    fn start(dir: &std::path::Path, limits: Limits) -> (Store, CommitHandle) {
+        let store = Store::open(dir).unwrap();
+        store.upsert_node("a", "127.0.0.1:1", true).unwrap();
+        store.upsert_node("b", "127.0.0.1:2", true).unwrap();
+        store.sync().unwrap();
+        let base = store.size_on_disk().unwrap();
+        let limits = Limits {
+            disk_quota: limits.disk_quota.map(|room| base + room),
+            ..limits
+        };
+        let opts = CommitOptions {
+            durability: Durability::Fsync,
+            dedupe_window: Duration::from_secs(600),
+        };
+        let metrics = Arc::new(Metrics::new());
+        metrics.count_queues(&store).unwrap();
+        let (tx, _rx) = watch::channel(0);
+        let (handle, _thread) =
+            Committer::spawn_with_limits(store.clone(), opts, limits, tx, metrics).unwrap();
+        (store, handle)
+    }
+
+    fn exhausted(r: Result<Accepted, CommitError>) -> String {
+        match r {
+            Err(CommitError::Exhausted(m)) => m,
+            other => panic!("expected Exhausted, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_message_over_the_disk_quota_is_refused_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = 20_000;
+        let (store, commit) = start(
+            dir.path(),
+            Limits {
+                disk_quota: Some(room),
+                max_pending_per_node: None,
+            },
+        );
+        let mut acked = 0u64;
+        let refusal = loop {
+            match commit.accept(accept(&format!("m{acked}"), 1000)).await {
+                Ok(a) => {
+                    assert!(!a.duplicate);
+                    acked += 1;
+                }
+                Err(e) => break e,
+            }
+            assert!(acked < 100, "never refused");
+        };
+        let msg = exhausted(Err(refusal));
+        assert!(
+            msg.contains("--disk-quota") && msg.contains("nothing"),
+            "{msg}"
+        );
+        // Each message counts its payload and more (here sled's log grows with every
+        // write, so the measured size follows sled's own page writes): fewer than
+        // room / payload fit, and some did.
+        assert!(acked * 1000 < room && acked >= 3, "{acked} acked");
+        assert_eq!(
+            store.message_count() as u64,
+            acked,
+            "the refused one wrote nothing"
+        );
+        // A duplicate writes nothing: still answered.
+        assert!(commit.accept(accept("m0", 1000)).await.unwrap().duplicate);
+        exhausted(commit.accept(accept("again", 1000)).await);
+        commit.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_pending_limit_refuses_past_n_per_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, commit) = start(
+            dir.path(),
+            Limits {
+                disk_quota: None,
+                max_pending_per_node: Some(3),
+            },
+        );
+        for i in 0..3 {
+            commit.accept(accept(&format!("p{i}"), 10)).await.unwrap();
+        }
+        let msg = exhausted(commit.accept(accept("p3", 10)).await);
+        assert!(msg.contains("--max-pending-per-node is 3"), "{msg}");
+        assert_eq!(store.message_count(), 3);
+        commit.stop().await.unwrap();
     }
 }

@@ -842,12 +842,6 @@ impl Store {
         }
         let mut report = VerifyReport::default();
         let mut batch = sled::Batch::default();
-        let quarantine = |batch: &mut sled::Batch, key: &[u8], value: &[u8]| {
-            let mut q = QUARANTINE.to_vec();
-            q.extend_from_slice(key);
-            batch.insert(q, value.to_vec());
-            batch.remove(key.to_vec());
-        };
         let mut max_seq: Option<u64> = None;
         let mut heads = Vec::new();
         let mut ranges: BTreeMap<(String, u64), RangeRecord> = BTreeMap::new();
@@ -928,6 +922,8 @@ impl Store {
                 record::decode::<RoundIndex>(&k, &v).map(drop)
             } else if k.starts_with(keys::ABSENT) {
                 record::decode::<u64>(&k, &v).map(drop)
+            } else if k.starts_with(keys::ARCHIVE_PROGRESS) {
+                record::decode::<super::ArchiveProgress>(&k, &v).map(drop)
             } else {
                 Err(StoreError::Corrupt {
                     key: name.clone(),
@@ -1077,6 +1073,48 @@ impl Store {
             self.sync()?;
         }
         Ok(report)
+    }
+}
+
+/// Adds to `batch` the move of one record to quarantine: `x/<key>` gets its raw bytes (kept,
+/// never deleted) and `key` is removed. Used by `verify --repair` and by the delivery
+/// workers ([`Store::quarantine_message`]).
+fn quarantine(batch: &mut sled::Batch, key: &[u8], value: &[u8]) {
+    let mut q = QUARANTINE.to_vec();
+    q.extend_from_slice(key);
+    batch.insert(q, value.to_vec());
+    batch.remove(key.to_vec());
+}
+
+impl Store {
+    /// Moves message `seq` (its head and every chunk) to quarantine in one batch, for a
+    /// delivery worker that met it undecodable. Returns how many records moved (0: already
+    /// gone). Not synced on its own: a crash before the next sync leaves the record in
+    /// place, to be met (and quarantined) again.
+    pub fn quarantine_message(&self, seq: u64) -> Result<usize, StoreError> {
+        self.ensure_writable("quarantining a message")?;
+        let mut batch = sled::Batch::default();
+        let mut moved = 0;
+        for item in self.tree().scan_prefix(keys::message(seq)) {
+            let (k, v) =
+                item.map_err(|e| StoreError::sled("reading a message to quarantine", e))?;
+            quarantine(&mut batch, &k, &v);
+            moved += 1;
+        }
+        if moved > 0 {
+            self.apply(batch, "quarantining a message")?;
+        }
+        Ok(moved)
+    }
+
+    /// Whether message `seq`'s head is in quarantine (moved there by a worker or by
+    /// `verify --repair`).
+    pub fn message_quarantined(&self, seq: u64) -> Result<bool, StoreError> {
+        let mut key = QUARANTINE.to_vec();
+        key.extend_from_slice(&keys::message(seq));
+        self.tree()
+            .contains_key(key)
+            .map_err(|e| StoreError::sled("looking up the quarantine", e))
     }
 }
 

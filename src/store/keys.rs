@@ -26,6 +26,8 @@ pub const DEDUPE: &[u8] = b"d/";
 pub const META: &[u8] = b"meta/";
 /// Prefix of node absence marks (since when a node is missing from etcd).
 pub const ABSENT: &[u8] = b"o/";
+/// Prefix of archive progress records (how much of a retiring node's archive is committed).
+pub const ARCHIVE_PROGRESS: &[u8] = b"a/";
 /// Prefix of records moved aside by `verify --repair`.
 pub const QUARANTINE: &[u8] = b"x/";
 
@@ -71,6 +73,11 @@ pub fn dead(node: &str, seq: u64) -> Vec<u8> {
 /// `o/<node>`
 pub fn absent(node: &str) -> Vec<u8> {
     with(ABSENT, &[node.as_bytes()])
+}
+
+/// `a/<node>`
+pub fn archive_progress(node: &str) -> Vec<u8> {
+    with(ARCHIVE_PROGRESS, &[node.as_bytes()])
 }
 
 /// `n/<node>`

@@ -22,7 +22,11 @@
 //!    made durable by a sync *before* the deletion is written.
 //! 4. **Opening a store of an older format migrates it; a newer or corrupt one is a clear
 //!    error, never silent loss** ([`migrate`]). Every record carries a version byte and a
-//!    CRC32C checked on read ([`record`]).
+//!    CRC32C checked on read ([`record`]). Files sled cannot read, a store that comes up
+//!    empty, or one with a lower sequence counter than the `clean-stop` file written at the
+//!    last graceful stop ([`Store::mark_clean_stop`]) are refused at open
+//!    ([`StoreError::Damaged`]); a record that fails its check when a worker reads it is
+//!    moved to quarantine ([`Store::quarantine_message`]), never dropped.
 //!
 //! # Layout
 //!
@@ -40,6 +44,7 @@
 //! d/<msg_id>               DedupeRecord
 //! t/<accepted_at><start>   RoundIndex     msg_ids of a round, for dedupe expiry
 //! o/<node>                 u64            since when a node is absent from etcd (ms)
+//! a/<node>                 ArchiveProgress committed length of a retiring node's archive
 //! x/<original key>         raw bytes      quarantined by `queue-dump verify --repair`
 //! ```
 //!
@@ -59,7 +64,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 pub use commit::{Accept, Accepted, CommitError, CommitHandle, Committer};
 pub use inspect::{
@@ -67,7 +72,8 @@ pub use inspect::{
     VerifyReport,
 };
 pub use record::{
-    DeadLetterRecord, DedupeRecord, MessageRecord, NodeRecord, RangeRecord, RoundIndex,
+    ArchiveProgress, DeadLetterRecord, DedupeRecord, MessageRecord, NodeRecord, RangeRecord,
+    RoundIndex,
 };
 
 /// Errors of the store. Each says which record or file is involved.
@@ -118,6 +124,22 @@ pub enum StoreError {
         /// The data directory.
         dir: PathBuf,
     },
+    /// The store's files are truncated or garbled beyond what sled recovers from on its
+    /// own: refused at open, so that a damaged store is never served (or silently replaced
+    /// by an empty one).
+    #[error(
+        "the store in {dir} is damaged: {reason}; the manager will not start on it. Restore \
+         the data dir from a backup; if `queue-dump --data-dir {dir} verify` can open it, it \
+         lists what is still readable (and `verify --repair` quarantines bad records); or \
+         move the data dir aside to start empty (its messages are then not delivered)",
+        dir = dir.display()
+    )]
+    Damaged {
+        /// The data directory.
+        dir: PathBuf,
+        /// What is wrong, as far as the store can tell.
+        reason: String,
+    },
     /// A record could not be encoded (a bug, or a value over the codec's limits).
     #[error("cannot encode record: {reason}")]
     Encode {
@@ -141,6 +163,7 @@ impl StoreError {
             StoreError::Engine { .. } => "engine",
             StoreError::NewerFormat { .. } => "newer_format",
             StoreError::Locked { .. } => "locked",
+            StoreError::Damaged { .. } => "damaged",
             StoreError::Encode { .. } => "encode",
         }
     }
@@ -190,6 +213,12 @@ struct Inner {
     read_only: bool,
     /// A [`Committer`] owns the sequence counter: offline writers ([`inspect`]) refuse.
     committer_running: AtomicBool,
+    /// A write or sync failed with an I/O error: see [`Store::write_failed`].
+    write_failed: AtomicBool,
+    /// Held by a commit round (or replay) from reading the fan-out set until its batch is
+    /// applied, and by [`Store::stop_fan_out`] and [`Store::remove_node`]: once a node has
+    /// left the set, no round that read the old set can still write to its queue.
+    fan_out_barrier: Mutex<()>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -225,22 +254,75 @@ impl Store {
                 ),
             ));
         }
+        // sled's config file exists once a store was created here. Such a store must still
+        // hold records after the open: sled takes a log truncated to nothing for a new store.
+        let existed = dir.join("conf").exists();
+        let clean_stop = read_clean_stop(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
-        let db = sled::Config::new()
-            .path(&dir)
-            .segment_size(SEGMENT_SIZE)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked {
-                        dir: data_dir.to_path_buf(),
-                    }
-                }
-                other => StoreError::sled(format!("opening {}", dir.display()), other),
+        let damaged = |reason: String| StoreError::Damaged {
+            dir: data_dir.to_path_buf(),
+            reason,
+        };
+        let config = sled::Config::new().path(&dir).segment_size(SEGMENT_SIZE);
+        // sled 0.34 may panic on a garbled file instead of returning an error; its recovery
+        // runs on this thread, so the panic is caught here and refused like any damage.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                damaged(format!("the storage engine failed reading it ({what})"))
             })?;
+        let db = opened.map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked {
+                    dir: data_dir.to_path_buf(),
+                }
+            }
+            sled::Error::Io(ref io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+                ) =>
+            {
+                damaged(format!("the storage engine cannot read it: {io}"))
+            }
+            sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
+                damaged(format!("the storage engine cannot read it: {e}"))
+            }
+            other => StoreError::sled(format!("opening {}", dir.display()), other),
+        })?;
+        if existed && db.is_empty() {
+            return Err(damaged(
+                "its files exist but hold no records (truncated, or replaced)".into(),
+            ));
+        }
+        // sled takes a log cut short (truncated, or garbled part-way) for a torn write and
+        // recovers the part before it, silently. After a clean stop nothing was torn: a
+        // sequence counter below the one recorded then means records were lost.
+        if let Some(recorded) = clean_stop {
+            let found = match db.get(keys::META_NEXT_SEQ) {
+                Ok(Some(v)) => record::decode::<u64>(keys::META_NEXT_SEQ, &v).ok(),
+                _ => None,
+            };
+            if found.is_none_or(|n| n < recorded) {
+                let found = found.map_or_else(|| "missing".to_string(), |n| n.to_string());
+                return Err(damaged(format!(
+                    "its sequence counter is {found} but was {recorded} when the manager last \
+                     stopped cleanly: the log was truncated or garbled, and records are lost"
+                )));
+            }
+        }
+        // A format record that does not decode, or data without one, is damage too.
+        let damaged_format = |e: StoreError| match e {
+            StoreError::Corrupt { key, reason } => damaged(format!("record {key}: {reason}")),
+            other => other,
+        };
         if read_only {
-            let found = migrate::format_version(&db)?;
+            let found = migrate::format_version(&db).map_err(damaged_format)?;
             if found != migrate::CURRENT_FORMAT {
                 return Err(StoreError::Engine {
                     what: format!("opening {} read-only", dir.display()),
@@ -252,7 +334,7 @@ impl Store {
                 });
             }
         } else {
-            migrate::run(&db)?;
+            migrate::run(&db).map_err(damaged_format)?;
         }
         let log_path = dir.join("db");
         let log_file = File::open(&log_path)
@@ -266,12 +348,21 @@ impl Store {
                 known: RwLock::new(Arc::from(Vec::new())),
                 read_only,
                 committer_running: AtomicBool::new(false),
+                write_failed: AtomicBool::new(false),
+                fan_out_barrier: Mutex::new(()),
             }),
         };
         let known: Vec<String> = store.nodes()?.into_keys().collect();
         store.set_known(known);
         if read_only {
             return Ok(store);
+        }
+        // From here on the store changes: the clean-stop record no longer describes it.
+        if clean_stop.is_some() {
+            let marker = store.inner.dir.join(CLEAN_STOP_FILE);
+            std::fs::remove_file(&marker)
+                .map_err(|e| StoreError::io(format!("removing {}", marker.display()), e))?;
+            sync_dir(&store.inner.dir)?;
         }
         // Everything sled created at open (its conf file, the log, the blobs dir) must
         // survive a power cut before the first ack relies on it.
@@ -312,7 +403,7 @@ impl Store {
     fn apply(&self, batch: sled::Batch, what: &str) -> Result<(), StoreError> {
         self.tree()
             .apply_batch(batch)
-            .map_err(|e| StoreError::sled(what, e))
+            .map_err(|e| self.note_failure(StoreError::sled(what, e)))
     }
 
     /// Makes every write so far durable: sled flush, fsync of new blob files and the blobs
@@ -320,12 +411,31 @@ impl Store {
     pub fn sync(&self) -> Result<(), StoreError> {
         self.tree()
             .flush()
-            .map_err(|e| StoreError::sled("flushing the store", e))?;
-        self.sync_new_blobs()?;
+            .map_err(|e| self.note_failure(StoreError::sled("flushing the store", e)))?;
+        self.sync_new_blobs().map_err(|e| self.note_failure(e))?;
         self.inner
             .log_file
             .sync_data()
-            .map_err(|e| StoreError::io("fdatasync of the store log", e))
+            .map_err(|e| self.note_failure(StoreError::io("fdatasync of the store log", e)))
+    }
+
+    /// Remembers an I/O failure (see [`Store::write_failed`]) and passes the error on.
+    fn note_failure(&self, e: StoreError) -> StoreError {
+        if matches!(e, StoreError::Io { .. }) {
+            self.inner
+                .write_failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        e
+    }
+
+    /// Whether a write or sync of this handle's store failed with an I/O error (a full
+    /// disk, say). sled 0.34.7 then refuses every later write until the store is reopened,
+    /// so the server reopens it once space is back (see `crate::server`).
+    pub fn write_failed(&self) -> bool {
+        self.inner
+            .write_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn sync_new_blobs(&self) -> Result<(), StoreError> {
@@ -694,7 +804,25 @@ impl Store {
     /// Takes `node` out of the set commit rounds fan out to (in memory only): the first
     /// step of retiring it, so that its queue stops growing. Its record stays until
     /// [`Store::remove_node`]; a restart before that makes it known again.
+    ///
+    /// Waits for a commit round that read the set before the change to apply its batch
+    /// (the fan-out barrier), so that when this returns every entry the node will ever get
+    /// is in the store.
     pub fn stop_fan_out(&self, node: &str) {
+        let _barrier = self.fan_out_barrier();
+        self.stop_fan_out_locked(node);
+    }
+
+    /// The fan-out barrier: see [`Inner::fan_out_barrier`]. Never held across an await or
+    /// while taking the `known` lock for writing elsewhere than in `stop_fan_out_locked`.
+    pub(crate) fn fan_out_barrier(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .fan_out_barrier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop_fan_out_locked(&self, node: &str) {
         let mut known = self.inner.known.write().unwrap_or_else(|p| p.into_inner());
         let rest: Vec<String> = known
             .iter()
@@ -710,12 +838,17 @@ impl Store {
     /// left to the usual low-water-mark reclamation (invariant 3). At most `limit` ranges
     /// and `limit` dead letters are touched per call; returns how many keys changed, so a
     /// caller loops until 0.
+    ///
+    /// `progress`, when given, is written in the same batch: the archive's committed length
+    /// moves exactly when the entries it covers leave the store, so a crash on either side
+    /// of this call neither loses nor repeats a line (see `crate::discovery::retire`).
     pub fn remove_archived(
         &self,
         node: &str,
         live_through: Option<u64>,
         dead_through: Option<u64>,
         limit: usize,
+        progress: Option<&ArchiveProgress>,
     ) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
         let mut changed = 0;
@@ -745,11 +878,30 @@ impl Store {
                 changed += 1;
             }
         }
-        if changed > 0 {
+        if let Some(p) = progress {
+            batch.insert(keys::archive_progress(node), record::encode(p)?);
+        }
+        if changed > 0 || progress.is_some() {
             self.apply(batch, "removing an archived queue")?;
             self.sync()?;
         }
         Ok(changed)
+    }
+
+    /// The committed length of `node`'s archive, if a retirement of it has started.
+    pub fn archive_progress(&self, node: &str) -> Result<Option<ArchiveProgress>, StoreError> {
+        self.get(&keys::archive_progress(node))
+    }
+
+    /// Records (and syncs) the committed length of `node`'s archive before a retirement
+    /// writes its first line.
+    pub fn set_archive_progress(
+        &self,
+        node: &str,
+        progress: &ArchiveProgress,
+    ) -> Result<(), StoreError> {
+        self.put(&keys::archive_progress(node), progress)?;
+        self.sync()
     }
 
     /// Up to `limit` of `node`'s dead letters with a sequence at or above `from_seq`, in
@@ -773,7 +925,11 @@ impl Store {
     /// Removes a retired node: its record and absence mark, and it leaves the fan-out set.
     /// Refuses (returns false, changes nothing) while the node still has live entries or
     /// dead letters: those must be archived first, so a queue is never dropped silently.
+    ///
+    /// The check and the removal hold the fan-out barrier, so no commit round can add an
+    /// entry in between.
     pub fn remove_node(&self, node: &str) -> Result<bool, StoreError> {
+        let barrier = self.fan_out_barrier();
         let has_live = !self.ranges(node, None, 1)?.is_empty();
         let has_dead = self
             .tree()
@@ -785,13 +941,45 @@ impl Store {
         if has_live || has_dead {
             return Ok(false);
         }
-        self.stop_fan_out(node);
+        self.stop_fan_out_locked(node);
         let mut batch = sled::Batch::default();
         batch.remove(keys::node(node));
         batch.remove(keys::absent(node));
+        batch.remove(keys::archive_progress(node));
         self.apply(batch, "removing a retired node")?;
+        drop(barrier);
         self.sync()?;
         Ok(true)
+    }
+}
+
+/// File in the store directory written at a clean stop ([`Store::mark_clean_stop`]) and
+/// removed by the next open for writing: `next_seq <n>`.
+const CLEAN_STOP_FILE: &str = "clean-stop";
+
+/// The sequence counter recorded at the last clean stop, if the store was stopped cleanly
+/// and not opened for writing since. An unreadable record is ignored (it only enables a
+/// check).
+fn read_clean_stop(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(CLEAN_STOP_FILE)).ok()?;
+    text.trim().strip_prefix("next_seq ")?.parse().ok()
+}
+
+impl Store {
+    /// Syncs the store and records, durably, its sequence counter in the store directory:
+    /// the next open then refuses the store (as [`StoreError::Damaged`]) if its files lost
+    /// records since, which sled alone would take for a torn write and hide. Call it once
+    /// every writer has stopped (the end of a graceful shutdown).
+    pub fn mark_clean_stop(&self) -> Result<(), StoreError> {
+        self.sync()?;
+        let next = self.next_seq()?;
+        let path = self.inner.dir.join(CLEAN_STOP_FILE);
+        let written = File::create(&path).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, format!("next_seq {next}\n").as_bytes())?;
+            f.sync_all()
+        });
+        written.map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+        sync_dir(&self.inner.dir)
     }
 }
 

@@ -27,8 +27,32 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
+/// Largest body decoded under the small limit: a message chunk plus its framing.
+const SMALL_BODY: usize = MESSAGE_CHUNK + 1024;
+/// Limit for a body of at most [`SMALL_BODY`] bytes. bincode allocates a `Vec`'s claimed
+/// length before reading it, so a garbled length in a 20-byte record could ask for
+/// [`DECODE_LIMIT`]; a decoded value takes at most ~24 bytes of memory per body byte (an
+/// empty `String` is one byte on disk), so 64× the body is never too tight.
+const SMALL_LIMIT: usize = 64 * SMALL_BODY;
+/// Largest body decoded under the medium limit.
+const MEDIUM_BODY: usize = 1 << 20;
+const MEDIUM_LIMIT: usize = 64 * MEDIUM_BODY;
+
+/// Decodes a bincode body with a limit that grows with the body's length, so that memory
+/// claimed by a garbled length prefix stays proportional to the bytes actually there.
+fn decode_body<T: Decode<()>>(body: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
+    let base = bincode::config::standard();
+    if body.len() <= SMALL_BODY {
+        bincode::decode_from_slice(body, base.with_limit::<SMALL_LIMIT>())
+    } else if body.len() <= MEDIUM_BODY {
+        bincode::decode_from_slice(body, base.with_limit::<MEDIUM_LIMIT>())
+    } else {
+        bincode::decode_from_slice(body, config())
+    }
+}
+
 /// Frames `value` as a record.
-pub(crate) fn encode<T: Encode>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub fn encode<T: Encode>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![RECORD_VERSION, 0, 0, 0, 0];
     bincode::encode_into_std_write(value, &mut out, config()).map_err(|e| StoreError::Encode {
         reason: e.to_string(),
@@ -38,8 +62,9 @@ pub(crate) fn encode<T: Encode>(value: &T) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-/// Checks a record's frame and decodes it; `key` names the record in errors.
-pub(crate) fn decode<T: Decode<()>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+/// Checks a record's frame and decodes it; `key` names the record in errors. Never panics,
+/// and allocates in proportion to `bytes` (plus a constant), whatever they hold.
+pub fn decode<T: Decode<()>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: super::keys::display(key),
         reason,
@@ -63,8 +88,8 @@ pub(crate) fn decode<T: Decode<()>>(key: &[u8], bytes: &[u8]) -> Result<T, Store
             "checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"
         )));
     }
-    let (value, used) = bincode::decode_from_slice(&bytes[HEADER_LEN..], config())
-        .map_err(|e| corrupt(format!("undecodable body: {e}")))?;
+    let (value, used) =
+        decode_body(&bytes[HEADER_LEN..]).map_err(|e| corrupt(format!("undecodable body: {e}")))?;
     if used != bytes.len() - HEADER_LEN {
         return Err(corrupt(format!(
             "{} trailing bytes after the body",
@@ -193,7 +218,7 @@ pub(crate) fn encode_message(seq: u64, msg: &MessageRecord) -> Result<Vec<KeyVal
 }
 
 /// Reassembles a message from its head and continuation chunks (in key order).
-pub(crate) fn decode_message(
+pub fn decode_message(
     key: &[u8],
     head: MessageHead,
     rest: impl IntoIterator<Item = Result<Vec<u8>, StoreError>>,
@@ -212,11 +237,10 @@ pub(crate) fn decode_message(
             ),
         });
     }
-    let (msg, _) =
-        bincode::decode_from_slice(&bytes, config()).map_err(|e| StoreError::Corrupt {
-            key: super::keys::display(key),
-            reason: format!("undecodable message: {e}"),
-        })?;
+    let (msg, _) = decode_body(&bytes).map_err(|e| StoreError::Corrupt {
+        key: super::keys::display(key),
+        reason: format!("undecodable message: {e}"),
+    })?;
     Ok(msg)
 }
 
@@ -268,6 +292,18 @@ pub struct DedupeRecord {
 pub struct RoundIndex {
     /// Every msg_id accepted in the round.
     pub msg_ids: Vec<String>,
+}
+
+/// How much of a retiring node's archive file is committed (key `a/<node>`): the file's
+/// length when the store last removed archived entries, written in the same batch as that
+/// removal. A resumed retirement truncates the file to `offset`, so lines of a page whose
+/// removal never became durable are written once, not twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct ArchiveProgress {
+    /// The absence start the archive file is named after; another value = another file.
+    pub absent_since_ms: u64,
+    /// Committed length of the archive file, in bytes.
+    pub offset: u64,
 }
 
 #[cfg(test)]

@@ -1,23 +1,22 @@
 //! A real etcd for the tests: the `etcd` binary (Debian package `etcd-server`, or `ETCD_BIN`)
-//! on free loopback ports with its own temp data dir, stopped and cleaned up on drop.
+//! on free loopback ports with its own temp data dir, stopped and cleaned up on drop. The
+//! process itself is the library's [`EtcdProcess`] (shared with `push-chaos`); this wraps it
+//! with a temp dir, panicking helpers and clients.
 //!
 //! A missing binary fails the test with the command that installs it: the etcd tests are
 //! never skipped silently.
 
-use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, CompactionOptions, GetOptions, PutOptions};
 use tempfile::TempDir;
 
+use push_manager::harness::EtcdProcess;
 use push_manager::proto::BroadCastReq;
 
-use super::{free_port, tail, Manager};
+use super::Manager;
 
-/// Longer than a cold start of etcd on a slow CI machine.
-const START_DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 /// Every call this helper makes is bounded by this.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,35 +24,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The etcd binary: `$ETCD_BIN`, else `etcd` from PATH. Panics, saying how to install it,
 /// when there is none.
 pub fn etcd_bin() -> PathBuf {
-    let bin = std::env::var_os("ETCD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("etcd"));
-    match Command::new(&bin)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
-        Ok(s) if s.success() => bin,
-        Ok(s) => panic!(
-            "`{} --version` failed ({s}); these tests need a working etcd",
-            bin.display()
-        ),
-        Err(e) => panic!(
-            "these tests need a real etcd, and `{}` cannot be run ({e}). Install it with \
-             `apt-get install etcd-server` (Debian/Ubuntu), or set ETCD_BIN to an etcd v3 \
-             binary. The tests are not skipped without it.",
-            bin.display()
-        ),
-    }
+    push_manager::harness::etcd_bin()
+        .unwrap_or_else(|e| panic!("{e} The tests are not skipped without it."))
 }
 
 /// A running etcd; see the module docs.
 pub struct Etcd {
-    client_port: u16,
-    peer_port: u16,
-    child: Option<Child>,
-    log_path: PathBuf,
+    inner: EtcdProcess,
+    // Last, so the directory outlives the process that uses it.
     dir: TempDir,
 }
 
@@ -64,41 +42,31 @@ impl Etcd {
             .prefix("etcd-")
             .tempdir()
             .unwrap_or_else(|e| panic!("expected to create a temp dir for etcd: {e}"));
-        let mut etcd = Etcd {
-            client_port: free_port(),
-            peer_port: free_port(),
-            child: None,
-            log_path: dir.path().join("etcd.log"),
-            dir,
-        };
-        etcd.spawn();
-        etcd.wait_ready().await;
-        etcd
+        // Fails early, with the install hint, when there is no etcd.
+        etcd_bin();
+        let mut inner = EtcdProcess::new(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        inner.start().await.unwrap_or_else(|e| panic!("{e}"));
+        Etcd { inner, dir }
     }
 
     /// `http://127.0.0.1:PORT`, for `--etcd`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        self.inner.url()
     }
 
     /// The data dir (kept across [`Etcd::kill`] / [`Etcd::restart`]).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.inner.data_dir()
     }
 
     /// SIGKILL and reap; the data dir stays, so a restart has the same keys.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.inner.kill();
     }
 
     /// Starts it again on the same ports and data dir, and waits until it answers.
     pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-        self.wait_ready().await;
+        self.inner.restart().await.unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// A client of this etcd, every call bounded.
@@ -223,72 +191,7 @@ impl Etcd {
 
     /// The last `n` lines of etcd's log.
     pub fn log_tail(&self, n: usize) -> String {
-        tail(&self.log_path, n)
-    }
-
-    fn spawn(&mut self) {
-        let bin = etcd_bin();
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap_or_else(|e| panic!("expected to open {}: {e}", self.log_path.display()));
-        let log_err = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("expected to share {}: {e}", self.log_path.display()));
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&bin)
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", self.data_dir().display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test={peer}"))
-            .arg("--initial-cluster-state=new")
-            // A single member elects itself after one election timeout: keep it short.
-            .arg("--heartbeat-interval=50")
-            .arg("--election-timeout=500")
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .env_remove("ETCDCTL_API")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("expected to start {}: {e}", bin.display()));
-        self.child = Some(child);
-    }
-
-    async fn wait_ready(&mut self) {
-        let start = Instant::now();
-        let options = etcd_client::ConnectOptions::new()
-            .with_timeout(Duration::from_secs(1))
-            .with_connect_timeout(Duration::from_secs(1));
-        let mut last = String::new();
-        while start.elapsed() < START_DEADLINE {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "etcd exited with {status} while starting; its log:\n{}",
-                        self.log_tail(40)
-                    );
-                }
-            }
-            match Client::connect([self.url()], Some(options.clone())).await {
-                Ok(mut c) => match c.get("/", None).await {
-                    Ok(_) => return,
-                    Err(e) => last = e.to_string(),
-                },
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        panic!(
-            "etcd did not answer within {START_DEADLINE:?} (last error: {last}); its log:\n{}",
-            self.log_tail(40)
-        );
+        self.inner.log_tail(n)
     }
 }
 

@@ -124,7 +124,8 @@ pub struct Record {
     pub manager_id: String,
 }
 
-/// Parses a record file (`msg_id\tseq\tattempt\tmanager_id\n` per line).
+/// Parses a record file (`msg_id\tseq\tattempt\tmanager_id` per line, then optional trailing
+/// fields such as the sim's arrival time and `ttl_ms`, which are ignored here).
 ///
 /// A last line without its `\n` is still being written and is left out. A line that does not
 /// parse can only be one torn by a SIGKILL mid-write (the sim writes nothing else, and ends a
@@ -140,7 +141,7 @@ pub fn parse_records(text: &str) -> Vec<Record> {
                 attempt: fields.next()?.parse().ok()?,
                 manager_id: fields.next()?.to_string(),
             };
-            (fields.next().is_none() && !record.msg_id.is_empty()).then_some(record)
+            (!record.msg_id.is_empty()).then_some(record)
         })
         .collect()
 }
@@ -366,6 +367,8 @@ pub struct Manager {
     port: u16,
     data_dir: PathBuf,
     args: Vec<String>,
+    /// Extra environment variables (set after the `PUSH_MANAGER_*` ones are removed).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log_path: PathBuf,
     starts: u32,
@@ -378,6 +381,17 @@ impl Manager {
     /// Runs `push-manager serve --listen 127.0.0.1:<free port> --data-dir <data_dir>
     /// --static-node ID=ADDR ... <extra>`. Does not wait: call [`Manager::wait_ready`].
     pub fn start(data_dir: &Path, static_nodes: &[(&str, String)], extra: &[&str]) -> Manager {
+        Manager::start_with_env(data_dir, static_nodes, extra, &[])
+    }
+
+    /// [`Manager::start`] with environment variables for the process (kept across
+    /// restarts), e.g. a documented tuning knob that has no flag.
+    pub fn start_with_env(
+        data_dir: &Path,
+        static_nodes: &[(&str, String)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Manager {
         let port = free_port();
         let mut args = vec![
             "serve".to_string(),
@@ -400,6 +414,10 @@ impl Manager {
             port,
             data_dir: data_dir.to_path_buf(),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             log_path: dir.path().join("manager.log"),
             starts: 0,
@@ -594,6 +612,7 @@ impl Manager {
                 command.env_remove(name);
             }
         }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("expected to spawn {MANAGER_BIN}: {e}"));
