@@ -334,6 +334,24 @@ mod tests {
         assert!(err.contains("shorter than its header"), "{err}");
     }
 
+    /// Postmortem: bincode allocates a `Vec`'s claimed length before reading it, and the only
+    /// limit was 256 MiB, so a 10-byte record with a garbled length (checksum fixed up, as a
+    /// fuzz target does) made the decoder allocate 200 MB; the limit now scales with the
+    /// record's size.
+    #[test]
+    fn a_garbled_length_prefix_cannot_claim_more_than_the_record_size_allows() {
+        let mut bytes = vec![RECORD_VERSION, 0, 0, 0, 0, 252];
+        bytes.extend_from_slice(&200_000_000u32.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..1]), &bytes[HEADER_LEN..]);
+        bytes[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        let err = decode::<Vec<u8>>(b"m/1", &bytes).unwrap_err().to_string();
+        assert!(err.to_lowercase().contains("limit"), "{err}");
+        let err = decode::<RoundIndex>(b"t/1", &bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.to_lowercase().contains("limit"), "{err}");
+    }
+
     #[test]
     fn range_bitmap() {
         let mut r = RangeRecord::new(10);
