@@ -1079,7 +1079,7 @@ impl Store {
 /// Adds to `batch` the move of one record to quarantine: `x/<key>` gets its raw bytes (kept,
 /// never deleted) and `key` is removed. Used by `verify --repair` and by the delivery
 /// workers ([`Store::quarantine_message`]).
-fn quarantine(batch: &mut sled::Batch, key: &[u8], value: &[u8]) {
+pub(super) fn quarantine(batch: &mut sled::Batch, key: &[u8], value: &[u8]) {
     let mut q = QUARANTINE.to_vec();
     q.extend_from_slice(key);
     batch.insert(q, value.to_vec());

@@ -638,9 +638,54 @@ impl Store {
                 key: keys::display(&k),
                 reason: "queue key without a sequence number".into(),
             })?;
-            out.push((start, record::decode(&k, &v)?));
+            let rec = match record::decode(&k, &v) {
+                Ok(rec) => rec,
+                Err(e @ StoreError::Corrupt { .. }) if !self.inner.read_only => {
+                    self.rebuild_range(node, start, &k, &v, &e)?
+                }
+                Err(e) => return Err(e),
+            };
+            out.push((start, rec));
         }
         Ok(out)
+    }
+
+    /// Replaces an undecodable range record, met while reading `node`'s queue, so that it
+    /// never blocks the queue: the raw bytes go to quarantine and the range is rebuilt with
+    /// every entry pending, from `start` up to the node's next range (or the next sequence
+    /// number). Nothing is lost; entries already delivered may be delivered again, and
+    /// entries whose payload was already reclaimed are dead-lettered as missing.
+    fn rebuild_range(
+        &self,
+        node: &str,
+        start: u64,
+        key: &[u8],
+        value: &[u8],
+        error: &StoreError,
+    ) -> Result<RangeRecord, StoreError> {
+        let next_range = self
+            .tree()
+            .range(keys::range(node, start.saturating_add(1))..=keys::range(node, u64::MAX))
+            .keys()
+            .next()
+            .transpose()
+            .map_err(|e| StoreError::sled("scanning a queue", e))?
+            .and_then(|k| keys::trailing_u64(&k));
+        let end = next_range.unwrap_or(self.next_seq()?);
+        let len = end.saturating_sub(start).clamp(1, commit::MAX_ROUND as u64) as u32;
+        let rebuilt = RangeRecord::new(len);
+        let mut batch = sled::Batch::default();
+        inspect::quarantine(&mut batch, key, value);
+        batch.insert(key.to_vec(), record::encode(&rebuilt)?);
+        self.apply(batch, "rebuilding a corrupt queue range")?;
+        tracing::error!(
+            node,
+            key = %keys::display(key),
+            %error,
+            len,
+            "corrupt queue range moved to quarantine and rebuilt with every entry pending"
+        );
+        Ok(rebuilt)
     }
 
     /// The message with sequence `seq`; `Ok(None)` if it does not exist.

@@ -287,3 +287,40 @@ fn a_garbled_record_is_an_error_naming_it() {
     let err = store.nodes().unwrap_err().to_string();
     assert!(err.contains("n/b"), "{err}");
 }
+
+#[tokio::test]
+async fn a_garbled_range_record_is_quarantined_and_rebuilt_never_blocking_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _) = setup(dir.path(), &["a"]);
+    let (r1, r2) = tokio::join!(
+        commit.accept(accept("x", vec![1])),
+        commit.accept(accept("y", vec![2]))
+    );
+    r1.unwrap();
+    r2.unwrap();
+    commit.accept(accept("z", vec![3])).await.unwrap();
+    let ranges = store.ranges("a", None, 10).unwrap();
+    let (first, original) = ranges[0].clone();
+    store
+        .tree()
+        .insert(keys::range("a", first), &b"\x01garbage"[..])
+        .unwrap();
+
+    let read = store.ranges("a", None, 10).unwrap();
+    assert_eq!(read.len(), ranges.len(), "no range dropped");
+    assert_eq!(read[0].0, first);
+    assert_eq!(read[0].1.len, original.len, "rebuilt up to the next range");
+    assert_eq!(
+        read[0].1.pending().count() as u32,
+        original.len,
+        "every entry pending"
+    );
+    let mut q = keys::QUARANTINE.to_vec();
+    q.extend_from_slice(&keys::range("a", first));
+    assert_eq!(
+        store.tree().get(q).unwrap().as_deref(),
+        Some(&b"\x01garbage"[..])
+    );
+    // Read again: the rebuilt record is a normal one now.
+    assert_eq!(store.ranges("a", None, 10).unwrap()[0].1, read[0].1);
+}
