@@ -260,9 +260,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::dispatch::DeliveryConfig;
     use tokio::sync::watch;
-    use tokio_util::sync::CancellationToken;
 
     fn setup(dir: &std::path::Path) -> (Store, Arc<Dispatcher>, watch::Sender<u64>) {
         // sled's I/O threads may hold the file lock a moment after the last handle is
@@ -279,20 +277,8 @@ mod tests {
             }
         };
         let (tx, rx) = watch::channel(0);
-        let d = Dispatcher::new(
-            store.clone(),
-            DeliveryConfig {
-                manager_id: "m".into(),
-                max_in_flight: 1,
-                max_attempts: 1,
-                backoff_initial: Duration::from_millis(10),
-                backoff_max: Duration::from_millis(10),
-                delivery_timeout: Duration::from_secs(1),
-            },
-            rx,
-            CancellationToken::new(),
-        );
-        (store, Arc::new(d), tx)
+        let d = crate::dispatch::test_dispatcher(&store, rx);
+        (store, d, tx)
     }
 
     fn snap(nodes: &[(&str, &str, i64)]) -> BTreeMap<String, Reg> {

@@ -426,7 +426,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::dispatch::DeliveryConfig;
     use crate::store::commit::CommitOptions;
     use crate::store::{Accept, Committer, Durability};
     use std::time::Duration;
@@ -461,19 +460,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let d = Arc::new(Dispatcher::new(
-            store.clone(),
-            DeliveryConfig {
-                manager_id: "m".into(),
-                max_in_flight: 1,
-                max_attempts: 1,
-                backoff_initial: Duration::from_millis(10),
-                backoff_max: Duration::from_millis(10),
-                delivery_timeout: Duration::from_secs(1),
-            },
-            rx,
-            tokio_util::sync::CancellationToken::new(),
-        ));
+        let d = crate::dispatch::test_dispatcher(&store, rx);
         d.node_seen("gone", "127.0.0.1:1", false);
         d.node_offline("gone");
 
@@ -624,19 +611,7 @@ mod tests {
 
         let report = archive_queue(
             store.clone(),
-            Arc::new(Dispatcher::new(
-                store.clone(),
-                DeliveryConfig {
-                    manager_id: "m".into(),
-                    max_in_flight: 1,
-                    max_attempts: 1,
-                    backoff_initial: Duration::from_millis(10),
-                    backoff_max: Duration::from_millis(10),
-                    delivery_timeout: Duration::from_secs(1),
-                },
-                watch::channel(0).1,
-                CancellationToken::new(),
-            )),
+            crate::dispatch::test_dispatcher(&store, watch::channel(0).1),
             "gone".into(),
             7,
             archive.clone(),

@@ -301,3 +301,25 @@ impl Dispatcher {
             .is_ok()
     }
 }
+
+/// A dispatcher for unit tests elsewhere in the crate: fast backoff, one attempt, woken by
+/// `committed`.
+#[cfg(test)]
+pub(crate) fn test_dispatcher(
+    store: &Store,
+    committed: watch::Receiver<u64>,
+) -> std::sync::Arc<Dispatcher> {
+    std::sync::Arc::new(Dispatcher::new(
+        store.clone(),
+        DeliveryConfig {
+            manager_id: "m".into(),
+            max_in_flight: 1,
+            max_attempts: 1,
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(10),
+            delivery_timeout: Duration::from_secs(1),
+        },
+        committed,
+        CancellationToken::new(),
+    ))
+}
