@@ -9,21 +9,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{has_all, ids, payload, wait_until, Manager, Sim};
+use common::{has_all, ids, payload, wait_until, Manager, Sim, FAST_RETRY};
 use push_manager::proto::admin::admin_client::AdminClient;
 use push_manager::proto::admin::*;
 use push_manager::proto::BroadCastReq;
 use tonic::transport::{Channel, Endpoint};
 
 const CONVERGE: Duration = Duration::from_secs(60);
-const FAST: &[&str] = &[
-    "--max-attempts",
-    "2",
-    "--backoff-initial",
-    "10ms",
-    "--backoff-max",
-    "200ms",
-];
 
 async fn admin(m: &Manager) -> AdminClient<Channel> {
     let channel = Endpoint::from_shared(format!("http://{}", m.addr()))
@@ -86,7 +78,7 @@ async fn hold_parks_a_node_across_a_restart_and_release_delivers_its_queue() {
     let free = Sim::start("free", &[]);
     let data = tempfile::tempdir().unwrap();
     let nodes_cfg = [("held", held.addr()), ("free", free.addr())];
-    let mut m = Manager::start(data.path(), &nodes_cfg, FAST);
+    let mut m = Manager::start(data.path(), &nodes_cfg, FAST_RETRY);
     m.wait_ready().await;
 
     let info = admin(&m)
@@ -156,7 +148,7 @@ async fn hold_parks_a_node_across_a_restart_and_release_delivers_its_queue() {
 async fn replay_and_purge_on_a_running_manager() {
     let mut sim = Sim::start("n1", &["--reject", "bad-1"]);
     let data = tempfile::tempdir().unwrap();
-    let mut m = Manager::start(data.path(), &[("n1", sim.addr())], FAST);
+    let mut m = Manager::start(data.path(), &[("n1", sim.addr())], FAST_RETRY);
     m.wait_ready().await;
     send(&m, &["bad-1".to_string()], "poison").await;
     wait_node(&m, "n1", "bad-1 is dead-lettered", |n| {
@@ -281,7 +273,7 @@ async fn replay_and_purge_on_a_running_manager() {
 async fn drain_refuses_broadcasts_and_reports_empty_queues() {
     let sim = Sim::start("n1", &[]);
     let data = tempfile::tempdir().unwrap();
-    let mut m = Manager::start(data.path(), &[("n1", sim.addr())], FAST);
+    let mut m = Manager::start(data.path(), &[("n1", sim.addr())], FAST_RETRY);
     m.wait_ready().await;
     let sent = ids("d", 20);
     send(&m, &sent, "t").await;

@@ -12,21 +12,13 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{payload, wait_until, Manager, Sim};
+use common::{payload, wait_until, Manager, Sim, FAST_RETRY};
 use push_manager::proto::BroadCastReq;
 use serde_json::Value;
 
 const QUEUE_DUMP: &str = env!("CARGO_BIN_EXE_queue-dump");
 const PUSH_MANAGER: &str = env!("CARGO_BIN_EXE_push-manager");
 const CONVERGE: Duration = Duration::from_secs(60);
-const FAST: &[&str] = &[
-    "--max-attempts",
-    "2",
-    "--backoff-initial",
-    "10ms",
-    "--backoff-max",
-    "200ms",
-];
 
 fn queue_dump(data: &Path, args: &[&str]) -> Output {
     Command::new(QUEUE_DUMP)
@@ -116,7 +108,7 @@ async fn queue_dump_reads_a_real_store_and_replayed_dead_letters_are_delivered()
         ("node-3", three.addr()),
     ];
     let data = tempfile::tempdir().unwrap();
-    let mut m = Manager::start(data.path(), &nodes, FAST);
+    let mut m = Manager::start(data.path(), &nodes, FAST_RETRY);
     m.wait_ready().await;
 
     // node-2 goes down while messages are accepted; node-3 refuses bad-1 for good.

@@ -46,6 +46,17 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Log lines printed when a test panics with a process still around.
 const TAIL_ON_PANIC: usize = 40;
 
+/// Manager flags for tests that watch retries and dead letters happen quickly: two
+/// attempts, backoff from 10 ms capped at 200 ms.
+pub const FAST_RETRY: &[&str] = &[
+    "--max-attempts",
+    "2",
+    "--backoff-initial",
+    "10ms",
+    "--backoff-max",
+    "200ms",
+];
+
 /// A port that was free a moment ago on 127.0.0.1. Another process may take it before it is
 /// used, so prefer port 0 where the server can report its address (sims do).
 pub fn free_port() -> u16 {
