@@ -95,22 +95,14 @@ enum Ended {
 /// on the same addresses, within this call: the port is closed for a moment in between.
 pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     tokio::pin!(shutdown);
-    let mut reopening: Option<tokio::time::Instant> = None;
+    let mut reopening = false;
     loop {
-        match run_once(cfg.clone(), shutdown.as_mut()).await {
-            Ok(Ended::Shutdown) => return Ok(()),
-            Ok(Ended::Reopen) => {
+        match run_once(cfg.clone(), reopening, shutdown.as_mut()).await? {
+            Ended::Shutdown => return Ok(()),
+            Ended::Reopen => {
                 tracing::warn!("space is back: opening the store again");
-                reopening = Some(tokio::time::Instant::now());
+                reopening = true;
             }
-            // The previous handle may take a moment to let go of sled's lock.
-            Err(ServerError::Store {
-                source: StoreError::Locked { .. },
-                ..
-            }) if reopening.is_some_and(|t| t.elapsed() < REOPEN_LOCK_WAIT) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -131,8 +123,12 @@ fn space_is_back(dir: &std::path::Path) -> bool {
 }
 
 /// One run of the server: from opening the store to the end of the drain.
+///
+/// `reopening`: the previous run of this process closed the store a moment ago; its handle
+/// may take a moment to let go of sled's lock ([`Store::reopen`]).
 async fn run_once<F: Future<Output = ()>>(
     cfg: ServeConfig,
+    reopening: bool,
     shutdown: std::pin::Pin<&mut F>,
 ) -> Result<Ended, ServerError> {
     let dir = cfg.data_dir.display().to_string();
@@ -142,10 +138,16 @@ async fn run_once<F: Future<Output = ()>>(
     };
     let store = {
         let data_dir = cfg.data_dir.clone();
-        tokio::task::spawn_blocking(move || Store::open(&data_dir))
-            .await
-            .map_err(|e| ServerError::Config(format!("store open task failed: {e}")))?
-            .map_err(store_err)?
+        tokio::task::spawn_blocking(move || {
+            if reopening {
+                Store::reopen(&data_dir, REOPEN_LOCK_WAIT)
+            } else {
+                Store::open(&data_dir)
+            }
+        })
+        .await
+        .map_err(|e| ServerError::Config(format!("store open task failed: {e}")))?
+        .map_err(store_err)?
     };
     let manager_id = resolve_manager_id(&cfg, &store)?;
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{has_all, ids, send_all, wait_until, Manager, Sim};
+use common::{has_all, ids, send_all, wait_until, with_store, Manager, Sim};
 use push_manager::store::{keys, Store};
 
 const MANAGER_BIN: &str = env!("CARGO_BIN_EXE_push-manager");
@@ -169,11 +169,7 @@ async fn an_undecodable_record_is_quarantined_and_the_queue_moves_on() {
     let bad = "c-7";
     // Garble one message record's value in the stopped store (its checksum no longer
     // matches), through sled directly: the store's API never writes a bad record.
-    let seq = {
-        let store = Store::open(data.path()).unwrap();
-        let found = store.find_message(bad).unwrap();
-        found.held[0].seq
-    };
+    let seq = with_store(data.path(), |s| s.find_message(bad).unwrap().held[0].seq);
     {
         let db = sled::Config::new()
             .path(data.path().join("store"))

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{has_all, ids, send_all, wait_until, Manager, Sim};
+use common::{has_all, ids, send_all, wait_until, with_store, Manager, Sim};
 use push_manager::store::Store;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -141,10 +141,7 @@ async fn poison_message_is_dead_lettered_and_the_rest_arrive() {
         );
         let status = m.terminate().await;
         assert!(status.success());
-        dead = Store::open(data.path())
-            .unwrap()
-            .dead_letters("node-2")
-            .unwrap();
+        dead = with_store(data.path(), |s| s.dead_letters("node-2").unwrap());
         if dead.is_empty() {
             m.restart();
             m.wait_ready().await;

@@ -10,10 +10,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{has_all, payload, wait_until, Manager, Sim};
+use common::{has_all, payload, wait_until, with_store, Manager, Sim};
 use push_manager::proto::push_server_client::PushServerClient;
 use push_manager::proto::BroadCastReq;
-use push_manager::store::Store;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -75,7 +74,7 @@ async fn disk_quota_refuses_the_first_write_over_it_and_recovers_after_delivery(
     let mut m = Manager::start(data.path(), &nodes, FAST_BACKOFF);
     m.wait_ready().await;
     assert!(m.terminate().await.success());
-    let base = Store::open(data.path()).unwrap().size_on_disk().unwrap();
+    let base = with_store(data.path(), |s| s.size_on_disk().unwrap());
     let room: u64 = 256 * 1024;
     let quota = (base + room).to_string();
     let mut args = FAST_BACKOFF.to_vec();

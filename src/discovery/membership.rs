@@ -263,19 +263,8 @@ mod tests {
     use tokio::sync::watch;
 
     fn setup(dir: &std::path::Path) -> (Store, Arc<Dispatcher>, watch::Sender<u64>) {
-        // sled's I/O threads may hold the file lock a moment after the last handle is
-        // dropped (a reopen in the same process).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let store = loop {
-            match Store::open(dir) {
-                Err(crate::store::StoreError::Locked { .. })
-                    if std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                other => break other.unwrap(),
-            }
-        };
+        // A reopen in the same process.
+        let store = Store::reopen(dir, Duration::from_secs(10)).unwrap();
         let (tx, rx) = watch::channel(0);
         let d = crate::dispatch::test_dispatcher(&store, rx);
         (store, d, tx)

@@ -235,6 +235,47 @@ impl Store {
         Self::open_mode(data_dir, false)
     }
 
+    /// Opens a store that this process closed a moment ago: [`Store::wait_unlocked`], then
+    /// [`Store::open`].
+    pub fn reopen(data_dir: &Path, wait: std::time::Duration) -> Result<Store, StoreError> {
+        Self::wait_unlocked(data_dir, wait)?;
+        Self::open(data_dir)
+    }
+
+    /// Waits up to `wait` until no handle holds the store's file lock, then returns; a store
+    /// still locked then is [`StoreError::Locked`]. Blocks the calling thread.
+    ///
+    /// Why: sled's background threads keep the lock (an `flock` on `store/db`) for a short
+    /// while after the last [`Store`] handle is dropped, so a process that closes a store and
+    /// at once opens it again, or hands it to another process, must wait for this first.
+    pub fn wait_unlocked(data_dir: &Path, wait: std::time::Duration) -> Result<(), StoreError> {
+        let path = data_dir.join("store").join("db");
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let file = match std::fs::File::open(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                other => {
+                    other.map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?
+                }
+            };
+            match file.try_lock() {
+                // Dropping `file` releases the probe's own lock.
+                Ok(()) => return Ok(()),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked {
+                        dir: data_dir.to_path_buf(),
+                    })
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(StoreError::io(format!("locking {}", path.display()), e))
+                }
+            }
+        }
+    }
+
     /// Opens an existing store for reading only (`queue-dump`'s read-only commands): no
     /// directory is created, nothing is migrated or synced, and the [`inspect`] writers
     /// refuse. A store of an older format is refused: it needs a migration, which writes.

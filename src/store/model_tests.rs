@@ -58,16 +58,7 @@ struct Live {
 }
 
 fn open(dir: &std::path::Path) -> Live {
-    // sled's I/O threads may hold the file lock a moment after the last handle is dropped.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let store = loop {
-        match Store::open(dir) {
-            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => break other.unwrap(),
-        }
-    };
+    let store = Store::reopen(dir, Duration::from_secs(10)).unwrap();
     for n in NODES {
         store.upsert_node(n, "127.0.0.1:1", true).unwrap();
     }

@@ -153,7 +153,7 @@ async fn acked_messages_survive_reopen_with_assigned_ids() {
         ids
     };
     join_committers();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::reopen(dir.path(), Duration::from_secs(10)).unwrap();
     assert_eq!(&*store.known_nodes(), &["a".to_string()]);
     for id in &ids {
         assert!(store.dedupe(id).unwrap().is_some(), "{id} survived");
@@ -242,7 +242,10 @@ fn newer_format_is_refused_naming_both_versions() {
         let store = Store::open(dir.path()).unwrap();
         migrate::force_format(store.tree(), migrate::CURRENT_FORMAT + 1).unwrap();
     }
-    let err = Store::open(dir.path()).err().expect("refused").to_string();
+    let err = Store::reopen(dir.path(), Duration::from_secs(10))
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(
         err.contains(&format!("store format {}", migrate::CURRENT_FORMAT + 1)),
         "{err}"

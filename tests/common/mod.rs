@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use push_manager::proto::push_server_client::PushServerClient;
+use push_manager::store::Store;
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -56,6 +57,15 @@ pub const FAST_RETRY: &[&str] = &[
     "--backoff-max",
     "200ms",
 ];
+
+/// Opens a stopped manager's store in this process, runs `f` on it, and closes it again
+/// before returning, so that a manager started next (or sled opened directly) finds it
+/// unlocked ([`Store::wait_unlocked`]).
+pub fn with_store<T>(data_dir: &Path, f: impl FnOnce(&Store) -> T) -> T {
+    let got = f(&Store::open(data_dir).expect("open the stopped store"));
+    Store::wait_unlocked(data_dir, Duration::from_secs(10)).expect("store released");
+    got
+}
 
 /// A port that was free a moment ago on 127.0.0.1. Another process may take it before it is
 /// used, so prefer port 0 where the server can report its address (sims do).
