@@ -41,6 +41,7 @@ const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(10 * 60);
 const DEFAULT_OFFLINE_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 const DEFAULT_MAX_IN_FLIGHT: usize = 10;
+const DEFAULT_DELIVERY_BATCH: usize = 64;
 const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,6 +54,8 @@ const MAX_PAYLOAD_LIMIT: u64 = 64 * 1024 * 1024;
 /// Upper bound of `--max-in-flight`: each in-flight delivery holds a payload
 /// in memory, per node.
 const MAX_IN_FLIGHT_LIMIT: usize = 10_000;
+/// Upper bound of `--delivery-batch`: what a `BroadcastBatch` call may carry (CONTRACT.md).
+const DELIVERY_BATCH_LIMIT: usize = crate::store::commit::MAX_BATCH;
 /// Upper bound of every duration option. humantime accepts up to `u64::MAX`
 /// seconds, which would overflow `Instant + d` (a panic in std and tokio);
 /// a century keeps all deadline arithmetic far from that edge.
@@ -171,6 +174,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", env = "PUSH_MANAGER_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
 
+    /// Messages per BroadcastBatch call to a node that implements it, 1 to 1000 (1 = unary
+    /// calls only); a node answering UNIMPLEMENTED gets unary calls [default: 64]
+    #[arg(long, value_name = "N", env = "PUSH_MANAGER_DELIVERY_BATCH")]
+    pub delivery_batch: Option<usize>,
+
     /// Retry delay after a node's first failure, doubling after each next one [default: 100ms]
     #[arg(
         long,
@@ -282,6 +290,8 @@ pub struct ServeConfig {
     pub max_attempts: u32,
     /// In-flight deliveries per node; at least 1.
     pub max_in_flight: usize,
+    /// Most messages per `BroadcastBatch` call to a node; 1 = unary only.
+    pub delivery_batch: usize,
     /// First backoff delay; more than zero and at most `backoff_max`.
     pub backoff_initial: Duration,
     /// Backoff cap.
@@ -734,6 +744,19 @@ impl ServeArgs {
             format!("1 to {MAX_IN_FLIGHT_LIMIT}"),
         )?;
 
+        let (delivery_batch, o) = pick(
+            self.delivery_batch,
+            file.delivery_batch,
+            DEFAULT_DELIVERY_BATCH,
+        );
+        m.check(
+            (1..=DELIVERY_BATCH_LIMIT).contains(&delivery_batch),
+            "--delivery-batch",
+            delivery_batch,
+            o,
+            format!("1 to {DELIVERY_BATCH_LIMIT}"),
+        )?;
+
         let dedupe_window = m.duration(
             "--dedupe-window",
             self.dedupe_window,
@@ -826,6 +849,7 @@ impl ServeArgs {
             offline_retention: offline_retention.0,
             max_attempts,
             max_in_flight,
+            delivery_batch,
             backoff_initial: backoff_initial.0,
             backoff_max: backoff_max.0,
             delivery_timeout: delivery_timeout.0,
@@ -972,6 +996,7 @@ struct FileConfig {
     offline_retention: Option<FileDuration>,
     max_attempts: Option<u32>,
     max_in_flight: Option<usize>,
+    delivery_batch: Option<usize>,
     backoff_initial: Option<FileDuration>,
     backoff_max: Option<FileDuration>,
     delivery_timeout: Option<FileDuration>,
@@ -1126,6 +1151,7 @@ mod tests {
             offline_retention: Duration::from_secs(86_400),
             max_attempts: 5,
             max_in_flight: 10,
+            delivery_batch: 64,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             delivery_timeout: Duration::from_secs(5),
@@ -1170,7 +1196,7 @@ mod tests {
                 "--{long}: defaults live in resolve"
             );
         }
-        assert_eq!(n, 26);
+        assert_eq!(n, 27);
         let durability = cmd
             .get_arguments()
             .find(|a| a.get_id() == "durability")
@@ -1198,6 +1224,7 @@ mod tests {
             offline_retention = "2d"
             max_attempts = 7
             max_in_flight = 32
+            delivery_batch = 16
             backoff_initial = "50ms"
             backoff_max = "1m"
             delivery_timeout = "2s"
@@ -1241,6 +1268,7 @@ mod tests {
                 offline_retention: Duration::from_secs(2 * 86_400),
                 max_attempts: 7,
                 max_in_flight: 32,
+                delivery_batch: 16,
                 backoff_initial: Duration::from_millis(50),
                 backoff_max: Duration::from_secs(60),
                 delivery_timeout: Duration::from_secs(2),

@@ -153,10 +153,14 @@ pub struct RecordLine {
     pub arrival_unix_ms: Option<u64>,
     /// The remaining `ttl_ms` the manager sent (0 = never expires); absent in older lines.
     pub ttl_ms: Option<u64>,
+    /// How it came: `batch` (an item of a `BroadcastBatch` call) or `unary`; absent in
+    /// older lines.
+    pub call: Option<String>,
 }
 
 /// Parses one record line (without its `\n`): `msg_id seq attempt manager_id` then the
-/// optional `arrival_unix_ms ttl_ms`, tab-separated; further trailing fields are ignored.
+/// optional `arrival_unix_ms ttl_ms call`, tab-separated; further trailing fields are
+/// ignored.
 /// `None` for a line that does not parse (torn by a SIGKILL mid-write).
 pub fn parse_record_line(line: &str) -> Option<RecordLine> {
     let mut fields = line.split('\t');
@@ -166,6 +170,7 @@ pub fn parse_record_line(line: &str) -> Option<RecordLine> {
     let manager_id = fields.next()?.to_string();
     let arrival_unix_ms = fields.next().and_then(|f| f.parse().ok());
     let ttl_ms = fields.next().and_then(|f| f.parse().ok());
+    let call = fields.next().map(str::to_string);
     Some(RecordLine {
         msg_id,
         seq,
@@ -173,6 +178,7 @@ pub fn parse_record_line(line: &str) -> Option<RecordLine> {
         manager_id,
         arrival_unix_ms,
         ttl_ms,
+        call,
     })
 }
 

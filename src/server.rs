@@ -197,6 +197,7 @@ async fn run_once<F: Future<Output = ()>>(
         DeliveryConfig {
             manager_id: manager_id.clone(),
             max_in_flight: cfg.max_in_flight,
+            delivery_batch: cfg.delivery_batch,
             max_attempts: cfg.max_attempts,
             backoff_initial: cfg.backoff_initial,
             backoff_max: cfg.backoff_max,
@@ -256,8 +257,13 @@ async fn run_once<F: Future<Output = ()>>(
     let reflection_err = |e| ServerError::Config(format!("gRPC reflection: {e}"));
     let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
-    // Room for the largest allowed payload plus the request's other fields.
-    let max_message = (cfg.max_payload_bytes as usize).saturating_add(1 << 20);
+    // Room for the largest allowed request (one payload of max_payload_bytes, or a batch of
+    // MAX_BATCH_BYTES) plus its other fields. A bigger body is cut by the transport before it
+    // is decoded (OUT_OF_RANGE); one within the slack over the batch limit gets the
+    // contract's INVALID_ARGUMENT.
+    let max_message = (cfg.max_payload_bytes as usize)
+        .max(crate::api::broadcast::MAX_BATCH_BYTES)
+        .saturating_add(1 << 20);
     if let Some(d) = &discovery {
         match d.wait_first_read(FIRST_ETCD_READ_WAIT).await {
             Ok(true) => {}

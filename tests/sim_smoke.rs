@@ -25,13 +25,18 @@ fn delivery(msg_id: &str, seq: u64, attempt: u32) -> BroadCastReq {
     }
 }
 
-fn record(msg_id: &str, seq: u64, attempt: u32) -> Record {
-    Record {
-        msg_id: msg_id.to_string(),
-        seq,
-        attempt,
-        manager_id: "m1".to_string(),
-    }
+/// A record line's identity: msg_id, seq, attempt, manager_id.
+type Key = (String, u64, u32, String);
+
+fn record(msg_id: &str, seq: u64, attempt: u32) -> Key {
+    (msg_id.to_string(), seq, attempt, "m1".to_string())
+}
+
+fn keys(records: Vec<Record>) -> Vec<Key> {
+    records
+        .into_iter()
+        .map(|r| (r.msg_id, r.seq, r.attempt, r.manager_id))
+        .collect()
 }
 
 #[tokio::test]
@@ -48,7 +53,7 @@ async fn records_each_accepted_delivery_with_seq_and_attempt() {
     }
 
     assert_eq!(
-        sim.received(),
+        keys(sim.received()),
         vec![
             record("m-1", 1, 1),
             record("m-2", 2, 1),
@@ -76,7 +81,7 @@ async fn reject_answers_invalid_argument_for_that_id_only() {
         .await
         .expect("an id not rejected is accepted");
 
-    assert_eq!(sim.received(), vec![record("good", 2, 1)]);
+    assert_eq!(keys(sim.received()), vec![record("good", 2, 1)]);
 }
 
 #[tokio::test]
@@ -128,8 +133,37 @@ async fn latency_delays_the_answer() {
 }
 
 #[tokio::test]
-async fn broadcast_batch_is_unimplemented() {
-    let sim = Sim::start("a", &[]);
+async fn a_batch_is_answered_item_by_item_and_only_ok_items_are_recorded() {
+    let sim = Sim::start("a", &["--reject", "bad"]);
+    let mut client = sim.client().await;
+    let batch = BroadCastBatchReq {
+        messages: vec![
+            delivery("m1", 1, 1),
+            delivery("bad", 2, 1),
+            delivery("m3", 3, 2),
+        ],
+    };
+    let results = client
+        .broadcast_batch(batch)
+        .await
+        .expect("batch answered")
+        .into_inner()
+        .results;
+    let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [0, Code::InvalidArgument as i32, 0], "{results:?}");
+    assert_eq!(
+        results[0].reply.as_ref().map(|r| r.msg_id.as_str()),
+        Some("m1")
+    );
+    assert!(results[1].reply.is_none() && results[1].error.contains("--reject"));
+    let received = sim.received();
+    assert!(received.iter().all(|r| r.call.as_deref() == Some("batch")));
+    assert_eq!(keys(received), [record("m1", 1, 1), record("m3", 3, 2)]);
+}
+
+#[tokio::test]
+async fn unary_only_answers_batches_unimplemented() {
+    let sim = Sim::start("a", &["--unary-only"]);
     let mut client = sim.client().await;
     let batch = BroadCastBatchReq {
         messages: vec![delivery("m", 1, 1)],
@@ -137,9 +171,14 @@ async fn broadcast_batch_is_unimplemented() {
     let status = client
         .broadcast_batch(batch)
         .await
-        .expect_err("no batch path yet");
+        .expect_err("--unary-only");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert!(sim.received().is_empty());
+    client
+        .broadcast(delivery("m", 1, 1))
+        .await
+        .expect("unary still works");
+    assert_eq!(sim.received().len(), 1);
 }
 
 #[tokio::test]
@@ -185,7 +224,7 @@ async fn restart_after_kill_keeps_address_and_record() {
         .expect("accepted");
 
     assert_eq!(
-        sim.received(),
+        keys(sim.received()),
         vec![record("before", 1, 1), record("after", 2, 1)]
     );
 }
@@ -214,7 +253,7 @@ async fn restart_ends_a_torn_last_line_so_new_records_parse() {
         .expect("accepted");
 
     assert_eq!(
-        sim.received(),
+        keys(sim.received()),
         vec![record("before", 1, 1), record("after", 3, 1)]
     );
 }
@@ -244,15 +283,10 @@ fn parse_records_skips_torn_and_unfinished_lines() {
                 c\t3\t1\tm";
     let expected = vec![
         record("a", 1, 1),
-        Record {
-            msg_id: "b".to_string(),
-            seq: 2,
-            attempt: 3,
-            manager_id: String::new(),
-        },
+        ("b".to_string(), 2, 3, String::new()),
         record("d", 4, 1),
     ];
-    assert_eq!(parse_records(text), expected);
+    assert_eq!(keys(parse_records(text)), expected);
 }
 
 #[test]

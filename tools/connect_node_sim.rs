@@ -4,15 +4,18 @@
 //! push-manager delivers, the way a real connect-node would, except that it can misbehave on
 //! purpose: answer UNAVAILABLE at random (`--fail-rate`, retryable), answer INVALID_ARGUMENT
 //! for chosen ids (`--reject`, permanent), or answer slowly (`--latency-ms`).
-//! `BroadcastBatch` answers UNIMPLEMENTED, so a manager falls back to unary calls.
+//! It implements `BroadcastBatch` (each item answered as `Broadcast` would answer it, in
+//! order), unless `--unary-only`, which answers UNIMPLEMENTED so a manager falls back to
+//! unary calls, as a node that predates the batch call would.
 //!
 //! What tests rely on:
 //!
 //! - Once bound, the sim prints exactly one line to stdout, `listening on HOST:PORT`, and
 //!   nothing else; logs and the final count go to stderr.
-//! - With `--record FILE`, every broadcast answered OK appends one line to FILE (see
-//!   [`Recorder`]), written before the answer is sent. A line in the file therefore means
-//!   "this node accepted it", even if the sim was SIGKILLed right after.
+//! - With `--record FILE`, every broadcast answered OK (alone or as a batch item) appends
+//!   one line to FILE (see [`Recorder`]), written before the answer is sent. A line in the
+//!   file therefore means "this node accepted it", even if the sim was SIGKILLed right
+//!   after.
 //! - SIGTERM or Ctrl-C: stop accepting, finish the calls in flight, exit 0.
 //! - With `--etcd URL`, once bound it registers `<etcd-prefix><node-id>` (a plain
 //!   `host:port`, or etcd naming JSON with `--etcd-format naming`) on a lease of
@@ -35,7 +38,9 @@ use push_manager::discovery::{
     value, EtcdSettings, Registration, ValueFormat, DEFAULT_NODE_PREFIX,
 };
 use push_manager::proto::push_server_server::{PushServer, PushServerServer};
-use push_manager::proto::{BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq};
+use push_manager::proto::{
+    BatchItemResult, BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq,
+};
 use rand::Rng;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -70,10 +75,10 @@ struct Args {
     node_id: String,
 
     /// Append one line per broadcast answered OK to FILE:
-    /// `msg_id<TAB>seq<TAB>attempt<TAB>manager_id<TAB>arrival_unix_ms<TAB>ttl_ms` (readers
-    /// should accept further trailing fields). Each line is written with a single
-    /// write(2) in append mode, so lines stay whole even if the sim is killed. An existing file
-    /// is appended to, never truncated.
+    /// `msg_id<TAB>seq<TAB>attempt<TAB>manager_id<TAB>arrival_unix_ms<TAB>ttl_ms<TAB>call`,
+    /// where call is `batch` or `unary` (readers should accept further trailing fields). The
+    /// lines of one call are written with a single write(2) in append mode, so lines stay
+    /// whole even if the sim is killed. An existing file is appended to, never truncated.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
 
@@ -82,9 +87,14 @@ struct Args {
     #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_probability)]
     fail_rate: f64,
 
-    /// Wait this many milliseconds before answering each broadcast.
+    /// Wait this many milliseconds before answering each call (a batch waits once).
     #[arg(long, value_name = "N", default_value_t = 0)]
     latency_ms: u64,
+
+    /// Answer `BroadcastBatch` with UNIMPLEMENTED, as a node without the batch call does: a
+    /// manager then delivers with unary `Broadcast` calls only.
+    #[arg(long)]
+    unary_only: bool,
 
     /// Answer INVALID_ARGUMENT (a permanent error) for this msg_id. Repeat the flag to reject
     /// several ids.
@@ -217,33 +227,44 @@ impl Recorder {
         })
     }
 
-    fn append(&self, req: &BroadCastReq) -> io::Result<()> {
-        // msg_id was checked to be visible ASCII; manager_id is free text, so keep it from
-        // breaking the line format.
-        let manager_id: String = req
-            .manager_id
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
+    /// Appends one line per request of a call (`batch` or `unary`), all in one write(2).
+    fn append<'a>(
+        &self,
+        call: &str,
+        reqs: impl IntoIterator<Item = &'a BroadCastReq>,
+    ) -> io::Result<()> {
         // Arrival time and the remaining TTL the manager sent let a checker tell a stale
         // delivery from a timely one.
         let arrival_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        let line = format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\n",
-            req.msg_id, req.seq, req.attempt, manager_id, arrival_ms, req.ttl_ms
-        );
+        let mut lines = String::new();
+        for req in reqs {
+            // msg_id was checked to be visible ASCII; manager_id is free text, so keep it
+            // from breaking the line format.
+            let manager_id: String = req
+                .manager_id
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            lines.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\t{}\t{call}\n",
+                req.msg_id, req.seq, req.attempt, manager_id, arrival_ms, req.ttl_ms
+            ));
+        }
+        if lines.is_empty() {
+            return Ok(());
+        }
         // `&File` is `Write`, so handlers share the file without a lock; O_APPEND makes each
-        // write land at the end. A short write would leave half a line: report it, never retry
+        // write land at the end. A short write would leave a line cut: report it, never retry
         // the rest, which would no longer be one write.
-        let written = (&self.file).write(line.as_bytes())?;
-        if written == line.len() {
+        let written = (&self.file).write(lines.as_bytes())?;
+        if written == lines.len() {
             Ok(())
         } else {
             Err(io::Error::new(
                 io::ErrorKind::WriteZero,
-                format!("short write: {written} of {} bytes", line.len()),
+                format!("short write: {written} of {} bytes", lines.len()),
             ))
         }
     }
@@ -271,24 +292,17 @@ struct Sim {
     fail_rate: f64,
     latency: Duration,
     reject: HashSet<String>,
-    /// Broadcast calls received, whatever the answer.
+    unary_only: bool,
+    /// Broadcasts received (batch items counted one by one), whatever the answer.
     received: AtomicU64,
-    /// Broadcast calls answered OK (and recorded).
+    /// Broadcasts answered OK (and recorded).
     answered_ok: AtomicU64,
 }
 
-#[tonic::async_trait]
-impl PushServer for Sim {
-    async fn broadcast(
-        &self,
-        request: Request<BroadCastReq>,
-    ) -> Result<Response<BroadCastReply>, Status> {
-        let req = request.into_inner();
+impl Sim {
+    /// Decides one broadcast's answer, as a node would; nothing is recorded yet.
+    fn judge(&self, req: &BroadCastReq) -> Result<(), Status> {
         self.received.fetch_add(1, Ordering::Relaxed);
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
-
         let id_ok = (1..=MAX_MSG_ID_BYTES).contains(&req.msg_id.len())
             && req.msg_id.bytes().all(|b| b.is_ascii_graphic());
         if !id_ok {
@@ -306,7 +320,6 @@ impl PushServer for Sim {
                 req.msg_id
             )));
         }
-        // The rng is a thread-local handle that must not live across an await; it doesn't.
         if self.fail_rate > 0.0 && rand::thread_rng().gen_bool(self.fail_rate) {
             debug!(node = %self.node_id, msg_id = %req.msg_id, "injected failure (--fail-rate)");
             return Err(Status::unavailable(format!(
@@ -314,10 +327,19 @@ impl PushServer for Sim {
                 self.fail_rate
             )));
         }
+        Ok(())
+    }
 
+    /// Records the accepted broadcasts of one call (one write for all) before they are
+    /// answered OK.
+    fn accept<'a>(
+        &self,
+        call: &str,
+        reqs: impl IntoIterator<Item = &'a BroadCastReq> + Clone,
+    ) -> Result<(), Status> {
         if let Some(record) = &self.record {
             // A small append to the page cache: not worth moving off the runtime thread.
-            record.append(&req).map_err(|e| {
+            record.append(call, reqs.clone()).map_err(|e| {
                 warn!(node = %self.node_id, path = %record.path.display(), error = %e,
                       "cannot write record file");
                 Status::internal(format!(
@@ -326,9 +348,27 @@ impl PushServer for Sim {
                 ))
             })?;
         }
-        self.answered_ok.fetch_add(1, Ordering::Relaxed);
-        debug!(node = %self.node_id, msg_id = %req.msg_id, seq = req.seq,
-               attempt = req.attempt, manager = %req.manager_id, "accepted");
+        for req in reqs {
+            self.answered_ok.fetch_add(1, Ordering::Relaxed);
+            debug!(node = %self.node_id, msg_id = %req.msg_id, seq = req.seq,
+                   attempt = req.attempt, manager = %req.manager_id, "accepted");
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl PushServer for Sim {
+    async fn broadcast(
+        &self,
+        request: Request<BroadCastReq>,
+    ) -> Result<Response<BroadCastReply>, Status> {
+        let req = request.into_inner();
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        self.judge(&req)?;
+        self.accept("unary", [&req])?;
         Ok(Response::new(BroadCastReply {
             msg_id: req.msg_id,
             node_count: 0,
@@ -338,11 +378,47 @@ impl PushServer for Sim {
 
     async fn broadcast_batch(
         &self,
-        _request: Request<BroadCastBatchReq>,
+        request: Request<BroadCastBatchReq>,
     ) -> Result<Response<BroadCastBatchReply>, Status> {
-        Err(Status::unimplemented(
-            "connect-node-sim does not implement BroadcastBatch yet; send unary Broadcast calls",
-        ))
+        if self.unary_only {
+            return Err(Status::unimplemented(
+                "this connect-node-sim runs with --unary-only; send unary Broadcast calls",
+            ));
+        }
+        let reqs = request.into_inner().messages;
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let verdicts: Vec<Result<(), Status>> = reqs.iter().map(|r| self.judge(r)).collect();
+        let accepted = reqs
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_ok())
+            .map(|(r, _)| r);
+        // A failed record write fails every item it would have recorded: none of them is
+        // answered OK without its line.
+        let recorded = self.accept("batch", accepted);
+        let results = reqs
+            .into_iter()
+            .zip(verdicts)
+            .map(|(req, verdict)| match verdict.and(recorded.clone()) {
+                Ok(()) => BatchItemResult {
+                    reply: Some(BroadCastReply {
+                        msg_id: req.msg_id,
+                        node_count: 0,
+                        duplicate: false,
+                    }),
+                    code: 0,
+                    error: String::new(),
+                },
+                Err(status) => BatchItemResult {
+                    reply: None,
+                    code: status.code() as i32,
+                    error: status.message().to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(BroadCastBatchReply { results }))
     }
 }
 
@@ -363,6 +439,7 @@ async fn main() -> Result<()> {
         fail_rate: args.fail_rate,
         latency: Duration::from_millis(args.latency_ms),
         reject: args.reject.into_iter().collect(),
+        unary_only: args.unary_only,
         received: AtomicU64::new(0),
         answered_ok: AtomicU64::new(0),
     });

@@ -1,8 +1,14 @@
-//! `PushServer.Broadcast` on the manager: validate, then hand to the committer and answer
-//! once the message is durable.
+//! `PushServer.Broadcast` and `BroadcastBatch` on the manager: validate, then hand to the
+//! committer and answer once the message is durable.
 //!
 //! Order of checks (CONTRACT.md section 6): a malformed request is INVALID_ARGUMENT before
 //! any other check; then shutting down, then no known nodes; then the commit.
+//!
+//! A batch is checked whole first (1 to [`MAX_BATCH`] items, at most
+//! [`MAX_BATCH_BYTES`]: otherwise INVALID_ARGUMENT for the call), then item by item exactly
+//! as `Broadcast` checks a request; the items that pass are committed in one round, under
+//! one fsync ([`CommitHandle::accept_batch`]), and each item's result says what became of
+//! it. A bad item fails alone.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,11 +21,16 @@ use tracing::Instrument;
 use super::status::Rejected;
 use crate::metrics::Metrics;
 use crate::proto::push_server_server::PushServer;
-use crate::proto::{BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq};
-use crate::store::{Accept, CommitHandle, Store};
+use crate::proto::{
+    BatchItemResult, BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq,
+};
+use crate::store::commit::MAX_BATCH;
+use crate::store::{Accept, Accepted, CommitHandle, Store};
 
 /// Longest `msg_id`, in bytes.
 pub const MAX_MSG_ID_BYTES: usize = 128;
+/// Largest `BroadcastBatch` request, encoded (CONTRACT.md section 2).
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
 
 /// Checks a request against the contract's limits and turns it into an [`Accept`].
 /// The fields a manager fills in on delivery (`manager_id`, `seq`, `attempt`) are ignored.
@@ -97,7 +108,8 @@ impl BroadcastService {
         self
     }
 
-    async fn accept(&self, req: BroadCastReq) -> Result<BroadCastReply, Rejected> {
+    /// Every check before the commit, in the contract's order.
+    fn admit(&self, req: BroadCastReq) -> Result<Accept, Rejected> {
         let accept = validate(req, self.max_payload_bytes)?;
         if self.draining.is_cancelled() {
             return Err(Rejected::ShuttingDown);
@@ -105,13 +117,55 @@ impl BroadcastService {
         if self.store.known_nodes().is_empty() {
             return Err(Rejected::NoNodes);
         }
-        let a = self.commit.accept(accept).await?;
-        Ok(BroadCastReply {
-            msg_id: a.msg_id,
-            node_count: a.node_count,
-            duplicate: a.duplicate,
-        })
+        Ok(accept)
     }
+
+    /// Counts and logs one answered item; the reply on success.
+    fn answered(
+        &self,
+        arrived: Instant,
+        result: Result<Accepted, Rejected>,
+    ) -> Result<BroadCastReply, Rejected> {
+        match result {
+            Ok(a) => {
+                self.metrics
+                    .observe_ack_latency(arrived.elapsed().as_secs_f64());
+                tracing::debug!(
+                    msg_id = %a.msg_id,
+                    node_count = a.node_count,
+                    duplicate = a.duplicate,
+                    "broadcast acked"
+                );
+                Ok(BroadCastReply {
+                    msg_id: a.msg_id,
+                    node_count: a.node_count,
+                    duplicate: a.duplicate,
+                })
+            }
+            Err(r) => {
+                self.metrics.broadcast_rejected();
+                tracing::debug!(reason = r.code(), error = %r, "broadcast rejected");
+                Err(r)
+            }
+        }
+    }
+}
+
+/// The whole-call limits of a `BroadcastBatch` (CONTRACT.md section 2).
+fn check_batch(req: &BroadCastBatchReq) -> Result<(), Status> {
+    let items = req.messages.len();
+    if items == 0 || items > MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "BroadcastBatch carries {items} messages; a call carries 1 to {MAX_BATCH}"
+        )));
+    }
+    let bytes = prost::Message::encoded_len(req);
+    if bytes > MAX_BATCH_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "BroadcastBatch is {bytes} bytes; a call carries at most {MAX_BATCH_BYTES} bytes"
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -133,36 +187,68 @@ impl PushServer for BroadcastService {
             span.record("msg_id", req.msg_id.as_str());
         }
         async {
-            match self.accept(req).await {
-                Ok(reply) => {
-                    self.metrics
-                        .observe_ack_latency(arrived.elapsed().as_secs_f64());
-                    tracing::Span::current().record("msg_id", reply.msg_id.as_str());
-                    tracing::debug!(
-                        node_count = reply.node_count,
-                        duplicate = reply.duplicate,
-                        "broadcast acked"
-                    );
-                    Ok(Response::new(reply))
-                }
-                Err(r) => {
-                    self.metrics.broadcast_rejected();
-                    tracing::debug!(reason = r.code(), error = %r, "broadcast rejected");
-                    Err(r.into())
-                }
-            }
+            let result = match self.admit(req) {
+                Ok(accept) => self.commit.accept(accept).await.map_err(Rejected::from),
+                Err(r) => Err(r),
+            };
+            let reply = self.answered(arrived, result)?;
+            tracing::Span::current().record("msg_id", reply.msg_id.as_str());
+            Ok::<_, Rejected>(Response::new(reply))
         }
         .instrument(span)
         .await
+        .map_err(Status::from)
     }
 
     async fn broadcast_batch(
         &self,
-        _request: Request<BroadCastBatchReq>,
+        request: Request<BroadCastBatchReq>,
     ) -> Result<Response<BroadCastBatchReply>, Status> {
-        Err(Status::unimplemented(
-            "BroadcastBatch is not available yet on this manager; use Broadcast",
-        ))
+        let arrived = Instant::now();
+        let req = request.into_inner();
+        check_batch(&req)?;
+        // Per item: `None` = admitted (its accept is the next in `accepts`), or why not.
+        let mut accepts = Vec::with_capacity(req.messages.len());
+        let refused: Vec<Option<Rejected>> = req
+            .messages
+            .into_iter()
+            .map(|m| match self.admit(m) {
+                Ok(a) => {
+                    accepts.push(a);
+                    None
+                }
+                Err(r) => Some(r),
+            })
+            .collect();
+        let mut committed = self.commit.accept_batch(accepts).await.into_iter();
+        let results = refused
+            .into_iter()
+            .map(|refused| {
+                let result = match refused {
+                    None => committed
+                        .next()
+                        .unwrap_or(Err(crate::store::CommitError::ShuttingDown))
+                        .map_err(Rejected::from),
+                    Some(r) => Err(r),
+                };
+                match self.answered(arrived, result) {
+                    Ok(reply) => BatchItemResult {
+                        reply: Some(reply),
+                        code: 0,
+                        error: String::new(),
+                    },
+                    Err(r) => {
+                        let status = Status::from(r);
+                        BatchItemResult {
+                            reply: None,
+                            code: status.code() as i32,
+                            error: status.message().to_string(),
+                        }
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(BroadCastBatchReply { results }))
     }
 }
 

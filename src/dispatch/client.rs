@@ -5,7 +5,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::push_server_client::PushServerClient;
-use crate::proto::BroadCastReq;
+use crate::proto::{BroadCastBatchReq, BroadCastReq};
 
 /// Errors setting up delivery to a node.
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +60,57 @@ impl NodeClient {
 
     /// One `Broadcast` call with the per-call deadline; the node's answer as a status.
     pub async fn broadcast(self, req: BroadCastReq) -> Result<(), tonic::Status> {
+        let request = self.request(req);
         let mut inner = self.inner;
-        let mut request = tonic::Request::new(req);
-        request.set_timeout(self.timeout);
         // The outer timeout also bounds connection setup, which the deadline header does not.
         match tokio::time::timeout(self.timeout, inner.broadcast(request)).await {
             Ok(r) => r.map(drop),
-            Err(_) => Err(tonic::Status::deadline_exceeded("delivery deadline passed")),
+            Err(_) => Err(Self::late()),
         }
+    }
+
+    /// One `BroadcastBatch` call with the per-call deadline. `Err` is the call's own failure
+    /// (UNIMPLEMENTED from a node without the batch call, a transport error, ...), which
+    /// holds for every item; `Ok` has each item's answer, in order. A node that answers a
+    /// different number of items than it was sent gets INTERNAL for the items it left out
+    /// (retried later) and its extra answers are ignored.
+    pub async fn broadcast_batch(
+        self,
+        reqs: Vec<BroadCastReq>,
+    ) -> Result<Vec<Result<(), tonic::Status>>, tonic::Status> {
+        let sent = reqs.len();
+        let request = self.request(BroadCastBatchReq { messages: reqs });
+        let mut inner = self.inner;
+        let reply = match tokio::time::timeout(self.timeout, inner.broadcast_batch(request)).await
+        {
+            Ok(r) => r?.into_inner(),
+            Err(_) => return Err(Self::late()),
+        };
+        let answered = reply.results.len();
+        let mut results: Vec<Result<(), tonic::Status>> = reply
+            .results
+            .into_iter()
+            .take(sent)
+            .map(|r| match r.code {
+                0 => Ok(()),
+                code => Err(tonic::Status::new(tonic::Code::from(code), r.error)),
+            })
+            .collect();
+        results.resize_with(sent, || {
+            Err(tonic::Status::internal(format!(
+                "the node answered {answered} results for a batch of {sent}"
+            )))
+        });
+        Ok(results)
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    fn late() -> tonic::Status {
+        tonic::Status::deadline_exceeded("delivery deadline passed")
     }
 }

@@ -25,6 +25,8 @@ pub struct DeliveryConfig {
     pub manager_id: String,
     /// Window of concurrent sends per node (1 = strict order).
     pub max_in_flight: usize,
+    /// Most messages per `BroadcastBatch` call (1 = unary calls only).
+    pub delivery_batch: usize,
     /// Offers of a permanently refused entry before it is dead-lettered.
     pub max_attempts: u32,
     /// First backoff delay.
@@ -314,6 +316,7 @@ pub(crate) fn test_dispatcher(
         DeliveryConfig {
             manager_id: "m".into(),
             max_in_flight: 1,
+            delivery_batch: 1,
             max_attempts: 1,
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(10),

@@ -1,8 +1,11 @@
 //! One delivery worker per known node.
 //!
 //! The worker reads its node's ranges in sequence order (a bounded number at a time, so a
-//! million-message backlog does not live in memory), keeps up to `max_in_flight` sends
-//! outstanding, and records each finished entry in its range. It sleeps until a commit
+//! million-message backlog does not live in memory), keeps up to `max_in_flight` calls
+//! outstanding, and records each finished entry in its range. A call carries up to
+//! `delivery_batch` entries as one `BroadcastBatch` (at most [`BATCH_BYTES`] of payload,
+//! and always at least one entry), or one entry as a unary `Broadcast` once the node has
+//! answered a batch with UNIMPLEMENTED (until its address changes). It sleeps until a commit
 //! round lands (the `committed` watch), a send completes, a timer is due, or its target
 //! (address, online state) changes: there is no polling loop.
 //!
@@ -11,8 +14,10 @@
 //!   ALREADY_EXISTS, its TTL ran out, or its dead letter was written in the same batch.
 //! - Progress reaches the store at least every [`WRITE_BACK_EVERY`] and on shutdown; a
 //!   crash in between only re-delivers (at-least-once), it never loses.
-//! - While the node is backing off, at most one send (the probe) is in flight; any answer
+//! - While the node is backing off, at most one call (the probe) is in flight; any answer
 //!   from the node (OK or a permanent refusal) ends the backoff.
+//! - A batch the node answered UNIMPLEMENTED was never offered: its entries go back
+//!   unchanged (attempts not counted) and are sent again as unary calls.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -39,6 +44,9 @@ const LOAD_TARGET: usize = 4096;
 const LOAD_BATCH: usize = 64;
 /// Pause after a store read error before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Payload bytes one batch call carries at most (a larger single message goes alone): bounds
+/// a worker's memory to `max_in_flight` × this, whatever the batch size.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// The state of one unfinished, loaded entry that is not in flight.
 struct Entry {
@@ -50,13 +58,24 @@ struct Entry {
     backoff: Option<ExponentialBackoff>,
 }
 
-/// A finished send.
+/// A finished send of one entry.
 struct Sent {
     seq: u64,
     epoch: u64,
     entry: Entry,
     result: Result<(), tonic::Status>,
 }
+
+/// What a finished call brings back.
+enum Call {
+    /// Each entry's answer.
+    Answered(Vec<Sent>),
+    /// The node does not implement `BroadcastBatch`: these entries were never offered.
+    NoBatch(Vec<(u64, Entry)>),
+}
+
+/// An entry ready to go, with its request.
+type Ready = (u64, Entry, crate::proto::BroadCastReq);
 
 /// Delivers one node's queue; see the module docs.
 pub(super) struct NodeWorker {
@@ -72,6 +91,9 @@ pub(super) struct NodeWorker {
 
 struct State {
     client: Option<NodeClient>,
+    /// Calls carry batches: `delivery_batch` > 1 and the node has not answered a batch with
+    /// UNIMPLEMENTED since its address was last set.
+    batch: bool,
     target: NodeTarget,
     /// Loaded, unfinished ranges by start sequence.
     ranges: BTreeMap<u64, RangeRecord>,
@@ -112,6 +134,7 @@ impl NodeWorker {
         let cfg = self.cfg.clone();
         let mut st = State {
             client: None,
+            batch: false,
             target: self.target.borrow_and_update().clone(),
             ranges: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -145,8 +168,8 @@ impl NodeWorker {
             let wake = self.next_wake(&st);
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                Some(sent) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.on_sent(&mut st, sent);
+                Some(call) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.on_call(&mut st, call);
                 }
                 r = self.committed.changed(), if committer_alive => {
                     committer_alive = r.is_ok();
@@ -162,14 +185,16 @@ impl NodeWorker {
             }
             self.write_back(&mut st, false);
         }
-        while let Some(sent) = in_flight.next().await {
-            self.on_sent(&mut st, sent);
+        while let Some(call) = in_flight.next().await {
+            self.on_call(&mut st, call);
         }
         self.write_back(&mut st, true);
     }
 
     fn connect(&self, st: &mut State) {
         st.client = None;
+        // A new address may be a newer node: offer it batches again.
+        st.batch = self.cfg.delivery_batch > 1;
         if st.target.addr.is_empty() {
             return;
         }
@@ -233,11 +258,11 @@ impl NodeWorker {
         Ok(())
     }
 
-    /// Starts sends while the window allows.
+    /// Starts calls while the window allows.
     fn launch(
         &self,
         st: &mut State,
-        in_flight: &mut FuturesUnordered<futures::future::BoxFuture<'static, Sent>>,
+        in_flight: &mut FuturesUnordered<futures::future::BoxFuture<'static, Call>>,
     ) {
         if !st.target.delivers() {
             return;
@@ -262,10 +287,39 @@ impl NodeWorker {
                 st.entries.insert(seq, e);
             }
         }
+        let per_call = if st.batch {
+            self.cfg.delivery_batch
+        } else {
+            1
+        };
         while in_flight.len() < window {
-            let Some((seq, mut entry)) = st.entries.pop_first() else {
+            let mut call: Vec<Ready> = Vec::new();
+            let mut bytes = 0;
+            while call.len() < per_call && (call.is_empty() || bytes < BATCH_BYTES) {
+                match self.next_ready(st, now, bytes) {
+                    Some(ready) => {
+                        bytes += ready.2.payload.len();
+                        call.push(ready);
+                    }
+                    None => break,
+                }
+            }
+            if call.is_empty() {
                 break;
-            };
+            }
+            let epoch = st.epoch;
+            let client = client.clone();
+            in_flight.push(Box::pin(Self::send(client, call, st.batch, epoch)));
+        }
+    }
+
+    /// The next entry to send and its request, or `None` when there is none (or a store
+    /// error paused the worker). Entries that cannot be sent (expired, quarantined, missing)
+    /// are settled on the way. `bytes`: payload already in the call being built; an entry
+    /// that would take it past [`BATCH_BYTES`] is left for the next call.
+    fn next_ready(&self, st: &mut State, now: Instant, bytes: usize) -> Option<Ready> {
+        loop {
+            let (seq, mut entry) = st.entries.pop_first()?;
             let msg = match self.store.message(seq) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
@@ -292,9 +346,13 @@ impl NodeWorker {
                     tracing::error!(node = %self.node, seq, error = %e, "reading a message failed");
                     st.entries.insert(seq, entry);
                     st.blocked_until = Some(now + STORE_RETRY);
-                    break;
+                    return None;
                 }
             };
+            if bytes > 0 && bytes + msg.payload.len() > BATCH_BYTES {
+                st.entries.insert(seq, entry);
+                return None;
+            }
             if let Some((start, _)) = Self::locate(st, seq) {
                 st.range_times.entry(start).or_insert(msg.accepted_at_ms);
             }
@@ -310,17 +368,65 @@ impl NodeWorker {
             };
             entry.attempts += 1;
             let req = self.request(msg, seq, entry.attempts, ttl_ms);
-            let epoch = st.epoch;
-            let client = client.clone();
-            in_flight.push(Box::pin(async move {
-                let result = client.broadcast(req).await;
-                Sent {
-                    seq,
-                    epoch,
-                    entry,
-                    result,
+            return Some((seq, entry, req));
+        }
+    }
+
+    /// One call: a `BroadcastBatch` when `batch`, else a unary `Broadcast` per entry (then
+    /// `call` holds one).
+    async fn send(client: NodeClient, call: Vec<Ready>, batch: bool, epoch: u64) -> Call {
+        let answered = |entries: Vec<(u64, Entry)>, results: Vec<Result<(), tonic::Status>>| {
+            Call::Answered(
+                entries
+                    .into_iter()
+                    .zip(results)
+                    .map(|((seq, entry), result)| Sent {
+                        seq,
+                        epoch,
+                        entry,
+                        result,
+                    })
+                    .collect(),
+            )
+        };
+        let (entries, reqs): (Vec<(u64, Entry)>, Vec<_>) = call
+            .into_iter()
+            .map(|(seq, entry, req)| ((seq, entry), req))
+            .unzip();
+        if !batch {
+            let mut results = Vec::with_capacity(reqs.len());
+            for req in reqs {
+                results.push(client.clone().broadcast(req).await);
+            }
+            return answered(entries, results);
+        }
+        match client.broadcast_batch(reqs).await {
+            Ok(results) => answered(entries, results),
+            Err(status) if status.code() == tonic::Code::Unimplemented => Call::NoBatch(entries),
+            Err(status) => {
+                let results = entries.iter().map(|_| Err(status.clone())).collect();
+                answered(entries, results)
+            }
+        }
+    }
+
+    fn on_call(&self, st: &mut State, call: Call) {
+        match call {
+            Call::Answered(sent) => {
+                for s in sent {
+                    self.on_sent(st, s);
                 }
-            }));
+            }
+            Call::NoBatch(entries) => {
+                if st.batch {
+                    tracing::info!(node = %self.node, "node does not implement BroadcastBatch; delivering with unary calls");
+                    st.batch = false;
+                }
+                for (seq, mut entry) in entries {
+                    entry.attempts -= 1;
+                    st.entries.insert(seq, entry);
+                }
+            }
         }
     }
 

@@ -29,6 +29,10 @@ use crate::metrics::Metrics;
 
 /// Most messages in one round: bounds a range record's bitmap and a round's batch size.
 pub const MAX_ROUND: usize = 4096;
+/// Most accepts in one [`CommitHandle::accept_batch`] (CONTRACT.md: a `BroadcastBatch` call
+/// carries at most 1,000 items). A batch always fits in one round whole: the committer stops
+/// taking requests into a round once fewer than this many slots are left.
+pub const MAX_BATCH: usize = 1000;
 /// How often housekeeping runs (payload reclamation, dedupe expiry).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// Most message records or dedupe rounds removed per housekeeping pass.
@@ -78,8 +82,13 @@ pub enum CommitError {
     Exhausted(String),
 }
 
+/// One accept and where its answer goes.
+type Waiter = (Accept, oneshot::Sender<Result<Accepted, CommitError>>);
+
 enum Request {
-    Accept(Accept, oneshot::Sender<Result<Accepted, CommitError>>),
+    Accept(Waiter),
+    /// Up to [`MAX_BATCH`] accepts committed in the same round, under one sync.
+    Batch(Vec<Waiter>),
     /// Finish every request queued before this one, sync, and stop.
     Stop(oneshot::Sender<Result<(), String>>),
     /// Move dead letters back into a node's live queue with fresh sequence numbers, which
@@ -121,9 +130,35 @@ impl CommitHandle {
     pub async fn accept(&self, accept: Accept) -> Result<Accepted, CommitError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Request::Accept(accept, tx))
+            .send(Request::Accept((accept, tx)))
             .map_err(|_| CommitError::ShuttingDown)?;
         rx.await.unwrap_or(Err(CommitError::ShuttingDown))
+    }
+
+    /// Makes up to [`MAX_BATCH`] accepts durable in one commit round, so under one sync, and
+    /// answers each, in order, as [`CommitHandle::accept`] would. More than [`MAX_BATCH`] is
+    /// refused whole (the caller checks the contract's limit first).
+    pub async fn accept_batch(&self, accepts: Vec<Accept>) -> Vec<Result<Accepted, CommitError>> {
+        if accepts.len() > MAX_BATCH {
+            let why = format!("a batch carries at most {MAX_BATCH} messages");
+            return vec![Err(CommitError::Store(why)); accepts.len()];
+        }
+        let (waiters, answers): (Vec<Waiter>, Vec<_>) = accepts
+            .into_iter()
+            .map(|a| {
+                let (tx, rx) = oneshot::channel();
+                ((a, tx), rx)
+            })
+            .unzip();
+        let count = answers.len();
+        if self.tx.send(Request::Batch(waiters)).is_err() {
+            return vec![Err(CommitError::ShuttingDown); count];
+        }
+        let mut out = Vec::with_capacity(count);
+        for rx in answers {
+            out.push(rx.await.unwrap_or(Err(CommitError::ShuttingDown)));
+        }
+        out
     }
 
     /// Moves `node`'s dead letters matching `filter` back into its live queue as new messages
@@ -320,7 +355,8 @@ impl Committer {
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 match req {
-                    Request::Accept(a, tx) => accepts.push((a, tx)),
+                    Request::Accept(w) => accepts.push(w),
+                    Request::Batch(ws) => accepts.extend(ws),
                     Request::Stop(tx) => {
                         stop = Some(tx);
                         break;
@@ -330,7 +366,8 @@ impl Committer {
                         break;
                     }
                 }
-                if accepts.len() < MAX_ROUND {
+                // Room for a whole batch, whatever comes next.
+                if accepts.len() + MAX_BATCH <= MAX_ROUND {
                     next = self.rx.try_recv().ok();
                 }
             }
@@ -410,7 +447,7 @@ impl Committer {
     }
 
     /// One commit round: see the module docs.
-    fn round(&mut self, accepts: Vec<(Accept, oneshot::Sender<Result<Accepted, CommitError>>)>) {
+    fn round(&mut self, accepts: Vec<Waiter>) {
         // Held until the batch is applied: a node leaving the fan-out set meanwhile
         // (`Store::stop_fan_out`) waits for it, so the retirement that follows sees every
         // entry this round gives the node. Released before the sync.

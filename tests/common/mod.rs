@@ -136,17 +136,10 @@ pub async fn send_all(manager: &Manager, ids: &[String], node_count: u32) {
     }
 }
 
-/// One line of a sim's record file: a broadcast the sim answered OK.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub msg_id: String,
-    pub seq: u64,
-    pub attempt: u32,
-    pub manager_id: String,
-}
+/// One line of a sim's record file.
+pub use push_manager::harness::RecordLine as Record;
 
-/// Parses a record file (`msg_id\tseq\tattempt\tmanager_id` per line, then optional trailing
-/// fields such as the sim's arrival time and `ttl_ms`, which are ignored here).
+/// Parses a record file.
 ///
 /// A last line without its `\n` is still being written and is left out. A line that does not
 /// parse can only be one torn by a SIGKILL mid-write (the sim writes nothing else, and ends a
@@ -154,16 +147,7 @@ pub struct Record {
 pub fn parse_records(text: &str) -> Vec<Record> {
     text.split_inclusive('\n')
         .filter_map(|line| line.strip_suffix('\n'))
-        .filter_map(|line| {
-            let mut fields = line.split('\t');
-            let record = Record {
-                msg_id: fields.next()?.to_string(),
-                seq: fields.next()?.parse().ok()?,
-                attempt: fields.next()?.parse().ok()?,
-                manager_id: fields.next()?.to_string(),
-            };
-            (!record.msg_id.is_empty()).then_some(record)
-        })
+        .filter_map(push_manager::harness::parse_record_line)
         .collect()
 }
 
