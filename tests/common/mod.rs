@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
