@@ -287,11 +287,7 @@ impl NodeWorker {
                 st.entries.insert(seq, e);
             }
         }
-        let per_call = if st.batch {
-            self.cfg.delivery_batch
-        } else {
-            1
-        };
+        let per_call = if st.batch { self.cfg.delivery_batch } else { 1 };
         while in_flight.len() < window {
             let mut call: Vec<Ready> = Vec::new();
             let mut bytes = 0;
@@ -320,7 +316,7 @@ impl NodeWorker {
     fn next_ready(&self, st: &mut State, now: Instant, bytes: usize) -> Option<Ready> {
         loop {
             let (seq, mut entry) = st.entries.pop_first()?;
-            let msg = match self.store.message(seq) {
+            let msg = match self.store.shared_message(seq) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     // Quarantined already (by another node's worker, or `verify --repair`).
@@ -367,7 +363,7 @@ impl NodeWorker {
                 Ttl::Forever => 0,
             };
             entry.attempts += 1;
-            let req = self.request(msg, seq, entry.attempts, ttl_ms);
+            let req = self.request(&msg, seq, entry.attempts, ttl_ms);
             return Some((seq, entry, req));
         }
     }
@@ -432,17 +428,17 @@ impl NodeWorker {
 
     fn request(
         &self,
-        msg: MessageRecord,
+        msg: &MessageRecord,
         seq: u64,
         attempt: u32,
         ttl_ms: u64,
     ) -> crate::proto::BroadCastReq {
         crate::proto::BroadCastReq {
-            msg_id: msg.msg_id,
-            payload: msg.payload,
-            topic: msg.topic,
+            msg_id: msg.msg_id.clone(),
+            payload: msg.payload.clone(),
+            topic: msg.topic.clone(),
             ttl_ms,
-            headers: msg.headers.into_iter().collect(),
+            headers: msg.headers.iter().cloned().collect(),
             manager_id: self.cfg.manager_id.clone(),
             seq,
             attempt,

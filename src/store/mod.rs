@@ -50,6 +50,7 @@
 //!
 //! Fan-out costs one range record per node per commit round, not per message.
 
+mod cache;
 pub mod commit;
 pub mod inspect;
 pub mod keys;
@@ -219,6 +220,8 @@ struct Inner {
     /// applied, and by [`Store::stop_fan_out`] and [`Store::remove_node`]: once a node has
     /// left the set, no round that read the old set can still write to its queue.
     fan_out_barrier: Mutex<()>,
+    /// Decoded message records shared by the delivery workers ([`Store::shared_message`]).
+    messages: cache::MessageCache,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -391,6 +394,7 @@ impl Store {
                 committer_running: AtomicBool::new(false),
                 write_failed: AtomicBool::new(false),
                 fan_out_barrier: Mutex::new(()),
+                messages: cache::MessageCache::default(),
             }),
         };
         let known: Vec<String> = store.nodes()?.into_keys().collect();
@@ -746,6 +750,20 @@ impl Store {
         record::decode_message(&key, head, rest).map(Some)
     }
 
+    /// [`Store::message`] through the cache the delivery workers share (see
+    /// `store/cache.rs`): one read and decode per message, whatever the number of nodes.
+    pub fn shared_message(&self, seq: u64) -> Result<Option<Arc<MessageRecord>>, StoreError> {
+        if let Some(m) = self.inner.messages.get(seq) {
+            return Ok(Some(m));
+        }
+        let Some(m) = self.message(seq)? else {
+            return Ok(None);
+        };
+        let m = Arc::new(m);
+        self.inner.messages.insert(seq, m.clone());
+        Ok(Some(m))
+    }
+
     /// Adds the writes of message `seq` to `batch`.
     fn put_message(
         batch: &mut sled::Batch,
@@ -839,6 +857,7 @@ impl Store {
         if n > 0 {
             self.apply(batch, "deleting delivered messages")?;
         }
+        self.inner.messages.forget_below(lwm);
         Ok(n)
     }
 

@@ -121,6 +121,12 @@ impl MessageRecord {
     pub fn expires_at_ms(&self) -> Option<u64> {
         (self.ttl_ms > 0).then(|| self.accepted_at_ms.saturating_add(self.ttl_ms))
     }
+
+    /// Heap bytes held, roughly: what a cached copy costs in memory.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.msg_id.len() + self.topic.len() + headers + self.payload.len()
+    }
 }
 
 /// A node's share of one commit round (key `q/<node>\0<start>`): the sequences
