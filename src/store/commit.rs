@@ -477,11 +477,14 @@ impl Committer {
                 let _ = tx.send(Err(CommitError::NoNodes));
                 continue;
             }
-            let msg_id = match a.msg_id {
-                Some(id) => id,
-                None => self.assign_id(),
+            // An id this committer assigns is new by construction (prefix, clock, counter):
+            // no earlier acceptance to look up.
+            let (msg_id, assigned) = match a.msg_id {
+                Some(id) => (id, false),
+                None => (self.assign_id(), true),
             };
             let earlier = match in_round.get(&msg_id) {
+                _ if assigned => None,
                 Some(count) => Some(*count),
                 None => match self.store.dedupe(&msg_id) {
                     Ok(Some(d)) if now.saturating_sub(d.accepted_at_ms) < window_ms => {
