@@ -81,8 +81,7 @@ impl NodeClient {
         let sent = reqs.len();
         let request = self.request(BroadCastBatchReq { messages: reqs });
         let mut inner = self.inner;
-        let reply = match tokio::time::timeout(self.timeout, inner.broadcast_batch(request)).await
-        {
+        let reply = match tokio::time::timeout(self.timeout, inner.broadcast_batch(request)).await {
             Ok(r) => r?.into_inner(),
             Err(_) => return Err(Self::late()),
         };
