@@ -33,10 +33,14 @@ pub const MAX_ROUND: usize = 4096;
 /// carries at most 1,000 items). A batch always fits in one round whole: the committer stops
 /// taking requests into a round once fewer than this many slots are left.
 pub const MAX_BATCH: usize = 1000;
-/// How often housekeeping runs (payload reclamation, dedupe expiry).
-const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
-/// Most message records or dedupe rounds removed per housekeeping pass.
-const HOUSEKEEPING_LIMIT: usize = 10_000;
+/// How often housekeeping runs (payload reclamation, dedupe expiry) when it is keeping up.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(200);
+/// How soon the next pass runs when the last one stopped at its limit (work left over).
+const HOUSEKEEPING_BEHIND: Duration = Duration::from_millis(20);
+/// Most message records, and most dedupe entries, removed per housekeeping pass. A pass runs
+/// on the committer thread between rounds, so this bounds the stall it adds to acks (a few
+/// milliseconds); passes come faster when behind, up to 50 a second.
+const HOUSEKEEPING_LIMIT: usize = 2_000;
 
 /// A validated broadcast, ready to be made durable.
 #[derive(Debug, Clone)]
@@ -252,7 +256,8 @@ pub struct Committer {
     committed: watch::Sender<u64>,
     id_prefix: String,
     id_counter: u64,
-    last_housekeeping: Instant,
+    /// When the next housekeeping pass is due.
+    next_housekeeping: Instant,
     /// Message records below this sequence are already reclaimed.
     reclaimed_below: u64,
     /// Queue depths, broadcast results and commit rounds (see [`crate::metrics`]).
@@ -316,7 +321,7 @@ impl Committer {
             committed,
             id_prefix: format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff),
             id_counter: 0,
-            last_housekeeping: Instant::now(),
+            next_housekeeping: Instant::now(),
             reclaimed_below: 0,
             metrics,
             limits,
@@ -341,7 +346,10 @@ impl Committer {
 
     fn run(mut self) {
         loop {
-            let first = match self.rx.recv_timeout(HOUSEKEEPING_EVERY) {
+            let wait = self
+                .next_housekeeping
+                .saturating_duration_since(Instant::now());
+            let first = match self.rx.recv_timeout(wait) {
                 Ok(r) => r,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.housekeeping();
@@ -382,7 +390,7 @@ impl Committer {
                 let _ = tx.send(result);
                 return;
             }
-            if self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            if Instant::now() >= self.next_housekeeping {
                 self.housekeeping();
             }
         }
@@ -690,9 +698,10 @@ impl Committer {
     /// between computing the mark and deleting is what invariant 3 relies on: the queue
     /// progress the mark was read from is durable before any payload it frees is gone.
     fn housekeeping(&mut self) {
-        self.last_housekeeping = Instant::now();
         self.measure_store();
-        let result = (|| -> Result<(), StoreError> {
+        // Whether a step stopped at its limit, with work left for the next pass.
+        let result = (|| -> Result<bool, StoreError> {
+            let mut behind = false;
             let lwm = self.store.low_water_mark(self.next_seq)?;
             if lwm > self.reclaimed_below {
                 self.store.sync()?;
@@ -700,15 +709,23 @@ impl Committer {
                 if n < HOUSEKEEPING_LIMIT {
                     self.reclaimed_below = lwm;
                     self.forget_reclaimed(lwm);
+                } else {
+                    behind = true;
                 }
             }
             let cutoff = now_ms().saturating_sub(self.opts.dedupe_window.as_millis() as u64);
-            self.store.expire_dedupe(cutoff, HOUSEKEEPING_LIMIT)?;
-            Ok(())
+            behind |= self.store.expire_dedupe(cutoff, HOUSEKEEPING_LIMIT)? >= HOUSEKEEPING_LIMIT;
+            Ok(behind)
         })();
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "store housekeeping failed; will retry");
-        }
+        let next = match result {
+            Ok(true) => HOUSEKEEPING_BEHIND,
+            Ok(false) => HOUSEKEEPING_EVERY,
+            Err(e) => {
+                tracing::warn!(error = %e, "store housekeeping failed; will retry");
+                HOUSEKEEPING_EVERY
+            }
+        };
+        self.next_housekeeping = Instant::now() + next;
     }
 }
 

@@ -634,13 +634,18 @@ impl Store {
         self.get(&keys::dedupe(msg_id))
     }
 
-    /// Removes dedupe entries accepted at or before `cutoff_ms`, oldest first, at most
-    /// `limit` rounds per call so the committer is never stalled. Returns rounds removed.
+    /// Removes dedupe entries accepted at or before `cutoff_ms`, oldest first, a round at a
+    /// time, stopping once `limit` entries are gone (so one call passes it by less than one
+    /// round, at most [`commit::MAX_ROUND`] entries): the committer, which runs it, is never
+    /// stalled for long. Returns the entries removed.
     pub(crate) fn expire_dedupe(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let end = keys::round_index(cutoff_ms, u64::MAX);
         let mut batch = sled::Batch::default();
-        let mut rounds = 0;
-        for item in self.tree().range(keys::ROUNDS.to_vec()..=end).take(limit) {
+        let mut removed = 0;
+        for item in self.tree().range(keys::ROUNDS.to_vec()..=end) {
+            if removed >= limit {
+                break;
+            }
             let (k, v) = item.map_err(|e| StoreError::sled("scanning round index", e))?;
             let index: RoundIndex = record::decode(&k, &v)?;
             for id in &index.msg_ids {
@@ -653,12 +658,12 @@ impl Store {
                 }
             }
             batch.remove(k);
-            rounds += 1;
+            removed += index.msg_ids.len().max(1);
         }
-        if rounds > 0 {
+        if removed > 0 {
             self.apply(batch, "expiring dedupe entries")?;
         }
-        Ok(rounds)
+        Ok(removed)
     }
 
     // ----- queues -----

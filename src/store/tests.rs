@@ -327,3 +327,27 @@ async fn a_garbled_range_record_is_quarantined_and_rebuilt_never_blocking_the_qu
     // Read again: the rebuilt record is a normal one now.
     assert_eq!(store.ranges("a", None, 10).unwrap()[0].1, read[0].1);
 }
+
+#[tokio::test]
+async fn dedupe_expiry_goes_a_round_at_a_time_and_stops_at_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _rx) = setup(dir.path(), &["a"]);
+    // Three rounds of five: a batch is committed as one round.
+    for r in 0..3 {
+        let batch = (0..5)
+            .map(|i| accept(&format!("r{r}-{i}"), vec![1]))
+            .collect();
+        for result in commit.accept_batch(batch).await {
+            result.unwrap();
+        }
+    }
+    let everything = now_ms() + 1;
+    // The limit is reached inside the second round: that round still goes whole.
+    assert_eq!(store.expire_dedupe(everything, 6).unwrap(), 10);
+    let kept = |r: usize| (0..5).all(|i| store.dedupe(&format!("r{r}-{i}")).unwrap().is_some());
+    assert!(!kept(0) && !kept(1) && kept(2));
+    assert_eq!(store.expire_dedupe(everything, 6).unwrap(), 5);
+    assert!(!kept(2));
+    assert_eq!(store.expire_dedupe(everything, 6).unwrap(), 0);
+    commit.stop().await.unwrap();
+}
