@@ -240,18 +240,6 @@ impl VerifyReport {
     }
 }
 
-/// Tells the pieces of a message record key apart: `m/<seq>` (head) and
-/// `m/<seq><index>` (continuation chunk).
-fn message_key_seq(key: &[u8]) -> Option<(u64, bool)> {
-    let rest = key.strip_prefix(keys::MESSAGES)?;
-    let seq = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-    match rest.len() {
-        8 => Some((seq, true)),
-        12 => Some((seq, false)),
-        _ => None,
-    }
-}
-
 /// `l/<node>\0<seq>` → node id.
 fn node_of_dead(key: &[u8]) -> Option<&str> {
     let rest = key.strip_prefix(DEAD)?;
@@ -512,7 +500,7 @@ impl Store {
         let mut records = BTreeMap::new();
         for item in self.tree().scan_prefix(keys::MESSAGES).keys() {
             let k = item.map_err(|e| StoreError::sled("scanning messages", e))?;
-            let Some((seq, true)) = message_key_seq(&k) else {
+            let Some((seq, true)) = keys::parse_message(&k) else {
                 continue;
             };
             // An unreadable record is verify's business; here it just cannot match.
@@ -873,7 +861,7 @@ impl Store {
                     }
                 }
             } else if k.starts_with(keys::MESSAGES) {
-                match message_key_seq(&k) {
+                match keys::parse_message(&k) {
                     Some((seq, true)) => {
                         max_seq = max_seq.max(Some(seq));
                         heads.push(seq);

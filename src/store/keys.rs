@@ -50,6 +50,18 @@ pub fn message_chunk(seq: u64, index: u32) -> Vec<u8> {
     with(MESSAGES, &[&seq.to_be_bytes(), &index.to_be_bytes()])
 }
 
+/// Tells the pieces of a message record key apart: `m/<seq>` (head: `(seq, true)`) and
+/// `m/<seq><index>` (continuation chunk: `(seq, false)`).
+pub fn parse_message(key: &[u8]) -> Option<(u64, bool)> {
+    let rest = key.strip_prefix(MESSAGES)?;
+    let seq = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    match rest.len() {
+        8 => Some((seq, true)),
+        12 => Some((seq, false)),
+        _ => None,
+    }
+}
+
 /// `q/<node>\0`: every range of one node.
 pub fn range_prefix(node: &str) -> Vec<u8> {
     with(QUEUES, &[node.as_bytes(), b"\0"])

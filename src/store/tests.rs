@@ -351,3 +351,39 @@ async fn dedupe_expiry_goes_a_round_at_a_time_and_stops_at_its_limit() {
     assert_eq!(store.expire_dedupe(everything, 6).unwrap(), 0);
     commit.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn shared_reads_read_ahead_and_a_bad_record_ahead_fails_only_its_own_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _rx) = setup(dir.path(), &["a"]);
+    let big = vec![9u8; 200 * 1024];
+    let batch = (0..10u8)
+        .map(|i| accept(&format!("m{i}"), if i == 3 { big.clone() } else { vec![i] }))
+        .collect();
+    for result in commit.accept_batch(batch).await {
+        result.unwrap();
+    }
+    commit.stop().await.unwrap();
+    let first = store.dedupe("m0").unwrap().unwrap().seq;
+    store
+        .tree()
+        .insert(keys::message(first + 7), &b"\x01garbage"[..])
+        .unwrap();
+
+    let m = store.shared_message(first).unwrap().unwrap();
+    assert_eq!(m.payload, [0]);
+    // Read ahead up to the bad record, chunked records included.
+    for i in 1..7u8 {
+        let cached = store.inner.messages.get(first + u64::from(i)).unwrap();
+        let want = if i == 3 { big.clone() } else { vec![i] };
+        assert_eq!(cached.payload, want, "m{i}");
+    }
+    assert!(store.inner.messages.get(first + 7).is_none());
+    let err = store.shared_message(first + 7).unwrap_err().to_string();
+    assert!(err.contains(&format!("m/{}", first + 7)), "{err}");
+    assert_eq!(
+        store.shared_message(first + 8).unwrap().unwrap().payload,
+        [8]
+    );
+    assert!(store.shared_message(first + 10).unwrap().is_none());
+}
