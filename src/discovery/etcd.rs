@@ -67,7 +67,7 @@ pub struct DiscoveryOptions {
 impl DiscoveryOptions {
     /// The options `push-manager serve` runs with.
     pub fn from_config(cfg: &ServeConfig) -> Self {
-        let mut etcd = EtcdSettings::new(cfg.etcd.clone());
+        let mut etcd = EtcdSettings::new(cfg.etcd.clone()).with_tls(cfg.etcd_tls.clone());
         if let Some(user) = &cfg.etcd_user {
             etcd.user = Some(user.clone());
         }
