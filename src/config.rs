@@ -1594,6 +1594,65 @@ mod tests {
         );
     }
 
+    /// The documented example file (`tools/push-manager.toml`, which the README points to)
+    /// lists every option as a commented `# key = value` line, and those values, all
+    /// uncommented, make a valid configuration.
+    #[test]
+    fn the_example_file_documents_every_option() {
+        let text = include_str!("../tools/push-manager.toml");
+        let mut keys = std::collections::BTreeSet::new();
+        let mut uncommented = String::new();
+        for line in text.lines() {
+            let Some((key, _)) = line.strip_prefix("# ").and_then(|l| l.split_once(" = ")) else {
+                continue;
+            };
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                assert!(keys.insert(key.to_string()), "{key} listed twice");
+                uncommented.push_str(&line[2..]);
+                uncommented.push('\n');
+            }
+        }
+        let flags: std::collections::BTreeSet<String> = T::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| *l != "config" && *l != "help")
+            .map(|l| l.replace('-', "_"))
+            .collect();
+        assert_eq!(keys, flags, "tools/push-manager.toml vs the flags");
+        with_file(ServeArgs::default(), &uncommented).expect("the example values are valid");
+        // The lines that show defaults resolve to the defaults.
+        let c = with_file(ServeArgs::default(), &uncommented).expect("valid");
+        let d = defaults();
+        assert_eq!(
+            (
+                c.listen,
+                c.max_payload_bytes,
+                c.dedupe_window,
+                c.max_attempts,
+                c.max_in_flight
+            ),
+            (
+                d.listen,
+                d.max_payload_bytes,
+                d.dedupe_window,
+                d.max_attempts,
+                d.max_in_flight
+            )
+        );
+        assert_eq!(
+            (
+                c.max_concurrent_streams,
+                c.concurrency_per_connection,
+                c.delivery_batch
+            ),
+            (
+                d.max_concurrent_streams,
+                d.concurrency_per_connection,
+                d.delivery_batch
+            )
+        );
+    }
+
     #[test]
     fn tls_files_come_in_pairs() {
         let e = err(parse(&["--tls-cert", "c.pem"]).expect("clap").resolve());
