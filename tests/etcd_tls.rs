@@ -32,12 +32,29 @@ async fn manager_uses_etcd_over_tls_with_user_and_password() {
     assert!(etcd.url().starts_with("https://"), "{}", etcd.url());
     etcd.enable_auth("root-pw").await;
 
+    // Node a is put by the test; node b registers itself (connect-node-sim over TLS, with
+    // the same user).
     let sim = Sim::start("a", &[]);
     etcd.client_as("root", "root-pw")
         .await
         .put("/services/connect-node/a", sim.addr(), None)
         .await
         .expect("register node a");
+    let url = etcd.url();
+    let ca_arg = arg(&ca_pem);
+    let sim_b = Sim::start(
+        "b",
+        &[
+            "--etcd",
+            &url,
+            "--etcd-tls-ca",
+            &ca_arg,
+            "--etcd-user",
+            "root",
+            "--etcd-password",
+            "root-pw",
+        ],
+    );
 
     let data = tempfile::tempdir().expect("data dir");
     let mut manager = Manager::start_with_env(
@@ -57,32 +74,34 @@ async fn manager_uses_etcd_over_tls_with_user_and_password() {
     );
     manager.wait_ready().await;
 
-    // Node a is known only through etcd: a node_count of 1 shows discovery worked.
+    // Both nodes are known only through etcd: a node_count of 2 shows discovery worked.
     let mut client = manager.client().await;
-    let mut node_count = 0;
     let deadline = std::time::Instant::now() + DEADLINE;
-    while node_count == 0 && std::time::Instant::now() < deadline {
-        match client
+    let mut probe = 0;
+    loop {
+        probe += 1;
+        let reply = client
             .broadcast(BroadCastReq {
-                msg_id: "via-tls-etcd".into(),
+                msg_id: format!("probe-{probe}"),
                 payload: b"hi".to_vec(),
                 ..Default::default()
             })
-            .await
-        {
-            Ok(r) => node_count = r.into_inner().node_count,
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
+            .await;
+        match reply {
+            Ok(r) if r.get_ref().node_count == 2 => break,
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::Unavailable => {}
             Err(s) => panic!("broadcast refused: {s:?}"),
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes a and b were not both discovered through etcd over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        node_count, 1,
-        "node a was not discovered through etcd over TLS"
-    );
-    wait_until("node a has the broadcast", DEADLINE, || {
-        has_all(&sim, &["via-tls-etcd".to_string()])
+    let last = format!("probe-{probe}");
+    wait_until("nodes a and b have the broadcast", DEADLINE, || {
+        has_all(&sim, std::slice::from_ref(&last)) && has_all(&sim_b, std::slice::from_ref(&last))
     })
     .await;
 

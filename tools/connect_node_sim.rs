@@ -43,7 +43,7 @@ use push_manager::proto::push_server_server::{PushServer, PushServerServer};
 use push_manager::proto::{
     BatchItemResult, BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq,
 };
-use push_manager::tls::{tls_incoming, ReloadableServerTls, ServerTlsFiles};
+use push_manager::tls::{tls_incoming, ClientTlsFiles, ReloadableServerTls, ServerTlsFiles};
 use rand::Rng;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -136,6 +136,23 @@ struct Args {
     #[arg(long, value_name = "PASSWORD", env = "CONNECT_NODE_SIM_ETCD_PASSWORD")]
     etcd_password: Option<String>,
 
+    /// CAs (PEM) to verify etcd's certificate with, for https:// --etcd endpoints.
+    #[arg(long, value_name = "FILE")]
+    etcd_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to etcd, with --etcd-tls-key and --etcd-tls-ca.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "etcd_tls_key",
+        requires = "etcd_tls_ca"
+    )]
+    etcd_tls_cert: Option<PathBuf>,
+
+    /// Private key of --etcd-tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_tls_cert")]
+    etcd_tls_key: Option<PathBuf>,
+
     /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -179,7 +196,17 @@ impl EtcdPlan {
         if let Some(a) = &args.advertise {
             validate_host_port(a).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
         }
-        let mut settings = EtcdSettings::new(args.etcd.clone());
+        let tls = args.etcd_tls_ca.clone().map(|ca| ClientTlsFiles {
+            ca,
+            cert: args.etcd_tls_cert.clone(),
+            key: args.etcd_tls_key.clone(),
+            domain: None,
+            options: ("--etcd-tls-ca", "--etcd-tls-cert", "--etcd-tls-key"),
+        });
+        if let Some(tls) = &tls {
+            tls.build()?;
+        }
+        let mut settings = EtcdSettings::new(args.etcd.clone()).with_tls(tls);
         match (&args.etcd_user, &args.etcd_password) {
             (Some(u), Some(p)) => settings = settings.with_user(u.clone(), p.clone()),
             (None, None) => {}
