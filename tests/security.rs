@@ -440,3 +440,55 @@ async fn bad_security_files_stop_the_start_with_a_clear_error() {
         assert!(m.log().contains(expect), "{args:?}: {}", m.log());
     }
 }
+
+#[tokio::test]
+async fn a_node_requiring_mtls_refuses_a_manager_without_a_client_certificate() {
+    let ca = Ca::new("test-ca");
+    let certs = CertDir::new();
+    let ca_pem = certs.write("ca.pem", &ca.pem());
+    let (node_cert, node_key) = certs.write_pair("node", &ca.issue("node-a"));
+    let sim = Sim::start(
+        "a",
+        &[
+            "--tls-cert",
+            &arg(&node_cert),
+            "--tls-key",
+            &arg(&node_key),
+            "--tls-client-ca",
+            &arg(&ca_pem),
+        ],
+    );
+    // TLS toward the node (it verifies the node) but no client certificate to present.
+    let data = tempfile::tempdir().expect("data dir");
+    let mut manager = Manager::start(
+        data.path(),
+        &[("a", sim.addr())],
+        &["--node-tls-ca", &arg(&ca_pem)],
+    );
+    manager.wait_ready().await;
+    let reply = broadcast(&manager.addr(), None, None, "needs-mtls")
+        .await
+        .expect("accepted and queued");
+    assert_eq!(reply.node_count, 1);
+
+    // The delivery fails at the node's handshake and stays queued; the node's last error
+    // (admin ListNodes, from loopback) says so.
+    let addr = manager.addr();
+    wait_until_async("node a shows a failed delivery", DEADLINE, || async {
+        let channel = channel(&addr, None).await.expect("connect");
+        let nodes = AdminClient::new(channel)
+            .list_nodes(ListNodesRequest::default())
+            .await
+            .expect("admin from loopback")
+            .into_inner()
+            .nodes;
+        nodes
+            .iter()
+            .any(|n| n.node_id == "a" && n.pending == 1 && !n.last_error.is_empty())
+    })
+    .await;
+    assert!(
+        sim.received_ids().is_empty(),
+        "delivered without a client certificate"
+    );
+}
