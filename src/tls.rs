@@ -14,9 +14,10 @@
 //!
 //! Toward connect-nodes the same files are read again into a new `ClientTlsConfig`, which is
 //! published to every delivery worker; each worker then opens a new channel (in-flight calls
-//! finish on the old one). etcd connections read their files whenever a client is made
-//! ([`crate::discovery::EtcdSettings::connect`]), which happens at start and after a lost
-//! connection.
+//! finish on the old one). Toward etcd, the files are read when a client is made
+//! ([`crate::discovery::EtcdSettings::connect`]): at start, and when discovery or the
+//! registration reconnects after a failed call and the files changed since (an etcd
+//! connection that keeps working keeps its certificate).
 
 use std::io;
 use std::net::SocketAddr;

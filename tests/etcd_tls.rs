@@ -1,7 +1,8 @@
 //! etcd over TLS with authentication: a real etcd started with `--cert-file`/`--key-file`
 //! (a certificate the test makes) and auth enabled; the manager discovers a node through it
 //! (`--etcd https://...`, `--etcd-tls-ca`, `--etcd-user`, the password from the env var),
-//! delivers to it, and registers itself there.
+//! delivers to it, and registers itself there. Then etcd's certificate is renewed under a
+//! new CA and etcd restarted: the manager reconnects with the CA file as it is now.
 //!
 //! Needs `etcd` (Debian package etcd-server, or ETCD_BIN); fails with that hint without it.
 
@@ -23,7 +24,7 @@ async fn manager_uses_etcd_over_tls_with_user_and_password() {
     let certs = CertDir::new();
     let ca_pem = certs.write("ca.pem", &ca.pem());
     let (cert, key) = certs.write_pair("etcd", &ca.issue("etcd"));
-    let etcd = Etcd::start_tls(EtcdTls {
+    let mut etcd = Etcd::start_tls(EtcdTls {
         cert,
         key,
         ca: ca_pem.clone(),
@@ -112,6 +113,48 @@ async fn manager_uses_etcd_over_tls_with_user_and_password() {
             .get("/services/push-manager/pm-tls", None)
             .await
             .is_ok_and(|r| !r.kvs().is_empty())
+    })
+    .await;
+
+    // etcd's certificate is renewed under a new CA and etcd restarted; the manager's CA file
+    // is replaced in place. Its watch breaks, and its reconnection reads the new CA: a node
+    // registered afterwards is discovered.
+    let ca2 = Ca::new("etcd-ca-2");
+    certs.write_pair("etcd", &ca2.issue("etcd"));
+    certs.write("ca.pem", &ca2.pem());
+    etcd.restart().await;
+    let sim_c = Sim::start("c", &[]);
+    etcd.client_as("root", "root-pw")
+        .await
+        .put("/services/connect-node/c", sim_c.addr(), None)
+        .await
+        .expect("register node c");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        probe += 1;
+        let reply = client
+            .broadcast(BroadCastReq {
+                msg_id: format!("probe-{probe}"),
+                payload: b"hi".to_vec(),
+                ..Default::default()
+            })
+            .await;
+        match reply {
+            Ok(r) if r.get_ref().node_count == 3 => break,
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::Unavailable => {}
+            Err(s) => panic!("broadcast refused: {s:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node c, registered after etcd's certificate changed, was not discovered:\n{}",
+            manager.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last = format!("probe-{probe}");
+    wait_until("node c has the broadcast", DEADLINE, || {
+        has_all(&sim_c, std::slice::from_ref(&last))
     })
     .await;
     assert!(

@@ -227,9 +227,16 @@ fn from_status(s: &tonic::Status) -> DiscoveryError {
     }
 }
 
+/// Modification time and size of each TLS file of an [`EtcdSettings`] (see
+/// [`EtcdSettings::tls_stamps`]).
+pub type TlsStamps = Vec<Option<(std::time::SystemTime, u64)>>;
+
 /// How to reach etcd: endpoints, credentials and TLS. With `tls`, endpoints are `https://`
-/// (or bare `host:port`) and the TLS files are read each time a client is made, so a
-/// reconnect after a lost connection picks up renewed certificates.
+/// (or bare `host:port`) and the TLS files are read each time a client is made. Discovery
+/// and registration keep their client while it works (its channel reconnects by itself,
+/// with the files it was made with); when a call fails and they reconnect, they make a new
+/// client if the files changed since ([`EtcdSettings::tls_stamps`]), so renewed
+/// certificates are used from the next reconnection on.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EtcdSettings {
     /// Endpoints, `http://host:port` or `host:port`; calls are balanced over them.
@@ -271,6 +278,15 @@ impl EtcdSettings {
             connect_timeout: Duration::from_secs(3),
             tls: None,
         }
+    }
+
+    /// The TLS files' modification times and sizes (empty without TLS), to tell whether a
+    /// client made earlier used the current files.
+    pub fn tls_stamps(&self) -> TlsStamps {
+        self.tls
+            .as_ref()
+            .map(|t| crate::tls::file_stamps(&t.paths()))
+            .unwrap_or_default()
     }
 
     /// The same settings, over TLS.
