@@ -7,7 +7,6 @@ use std::io::Write;
 use std::time::Duration;
 
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::config::parse_duration;
 use crate::proto::admin as pb;
@@ -40,6 +39,10 @@ pub struct AdminArgs {
     /// Print JSON: one object, or one object per line for entry listings
     #[arg(long, global = true)]
     pub json: bool,
+    /// TLS and token toward the manager (its --admin-token-file; without one, a manager
+    /// without mTLS answers loopback callers only)
+    #[command(flatten)]
+    pub security: crate::client::ClientSecurity,
     /// What to do
     #[command(subcommand)]
     pub verb: Verb,
@@ -116,6 +119,9 @@ pub enum AdminError {
     /// Writing the output failed (other than a closed pipe, which is not an error).
     #[error("cannot write output: {0}")]
     Output(#[source] std::io::Error),
+    /// A TLS or token file of the client could not be used.
+    #[error("{0}")]
+    Security(String),
     /// A drain ended with entries still queued.
     #[error("drain: {0} live entries still queued when the wait ended")]
     NotEmpty(u64),
@@ -131,8 +137,15 @@ impl AdminError {
     }
 }
 
-async fn connect(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, AdminError> {
-    let channel = crate::client::channel(addr, timeout)
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+    security: &crate::client::ClientSecurity,
+) -> Result<AdminClient<crate::client::ManagerChannel>, AdminError> {
+    let auth = security
+        .load()
+        .map_err(|e| AdminError::Security(e.to_string()))?;
+    let channel = crate::client::channel(addr, timeout, &auth)
         .await
         .map_err(|reason| AdminError::Connect {
             addr: addr.to_string(),
@@ -143,7 +156,7 @@ async fn connect(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, 
 
 /// Runs one admin verb, printing its result on stdout.
 pub async fn run(args: AdminArgs) -> Result<(), AdminError> {
-    let mut client = connect(&args.server, args.timeout).await?;
+    let mut client = connect(&args.server, args.timeout, &args.security).await?;
     let refused = |verb: &'static str, addr: &str| {
         let addr = addr.to_string();
         move |s: tonic::Status| {

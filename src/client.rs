@@ -5,7 +5,10 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::discovery::{resolve_managers, DiscoveryError, EtcdSettings, ManagerEndpoint};
 use crate::proto::push_server_client::PushServerClient;
@@ -45,6 +48,9 @@ pub enum ClientError {
     /// The managers could not be looked up in etcd.
     #[error("cannot look up push-managers in etcd: {0}")]
     Discovery(#[from] DiscoveryError),
+    /// A TLS or token file of the client could not be used.
+    #[error("{0}")]
+    Security(String),
     /// etcd answered, but no push-manager is registered there.
     #[error(
         "no push-manager is registered in etcd at {etcd} (under /services/push-manager/); \
@@ -56,24 +62,171 @@ pub enum ClientError {
     },
 }
 
-/// A channel to a manager at `addr` (`host:port`), connected, each call bounded by
-/// `timeout`; the error is the reason it failed.
-pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| e.to_string())
+/// How the command-line clients (`send`, `admin`) reach a manager: TLS and a bearer
+/// token. The env vars are `PUSH_MANAGER_CLIENT_*`, apart from the server's own
+/// `PUSH_MANAGER_TLS_*`, so a shell set up for `serve` does not hand the server's
+/// certificate to a client.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientSecurity {
+    /// Connect over TLS, verifying the manager's certificate against these CAs (PEM)
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_CLIENT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a manager that requires one (mTLS); needs --tls-key
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PUSH_MANAGER_CLIENT_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM)
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PUSH_MANAGER_CLIENT_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Name the manager's certificate is checked against, when it is not the host of the
+    /// address (e.g. connecting by IP to a certificate issued for a DNS name)
+    #[arg(long, value_name = "NAME", env = "PUSH_MANAGER_CLIENT_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+    /// File whose first token (one per line, # comments) is sent as `authorization: Bearer`;
+    /// without it the env var PUSH_MANAGER_TOKEN is sent, if set
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_CLIENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
-/// Connects to a manager at `addr` (`host:port`), failing after `timeout`.
+/// [`ClientSecurity`] loaded: the TLS configuration and the header to send.
+#[derive(Clone, Default)]
+pub struct ClientAuth {
+    tls: Option<ClientTlsConfig>,
+    token: BearerToken,
+}
+
+impl ClientSecurity {
+    /// Reads the files (and `PUSH_MANAGER_TOKEN`); an error names the file.
+    pub fn load(&self) -> Result<ClientAuth, ClientError> {
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(
+                crate::tls::ClientTlsFiles {
+                    ca: ca.clone(),
+                    cert: self.tls_cert.clone(),
+                    key: self.tls_key.clone(),
+                    domain: self.tls_domain.clone(),
+                    options: ("--tls-ca", "--tls-cert", "--tls-key"),
+                }
+                .build()
+                .map_err(|e| ClientError::Security(e.to_string()))?,
+            ),
+            None if self.tls_cert.is_some() => {
+                return Err(ClientError::Security(
+                    "--tls-cert needs --tls-ca (the CA that signed the manager's certificate)"
+                        .into(),
+                ))
+            }
+            None => None,
+        };
+        let token = match &self.token_file {
+            Some(path) => {
+                let set = std::fs::read_to_string(path).map_err(|e| {
+                    ClientError::Security(format!(
+                        "cannot read --token-file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let first = set
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .ok_or_else(|| {
+                        ClientError::Security(format!(
+                            "--token-file {} holds no token; write the token on a line",
+                            path.display()
+                        ))
+                    })?;
+                Some(first.to_owned())
+            }
+            None => std::env::var("PUSH_MANAGER_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
+        };
+        let token = match token {
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                ClientError::Security(
+                    "the token is not a valid header value (visible ASCII only)".into(),
+                )
+            })?),
+            None => None,
+        };
+        Ok(ClientAuth {
+            tls,
+            token: BearerToken(token),
+        })
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to a manager that sends the client's token on every call.
+pub type ManagerChannel = InterceptedService<Channel, BearerToken>;
+
+/// A channel to a manager at `addr` (`host:port`), connected (over TLS when `auth` says
+/// so), each call bounded by `timeout`; the error is the reason it failed.
+pub async fn channel(
+    addr: &str,
+    timeout: Duration,
+    auth: &ClientAuth,
+) -> Result<ManagerChannel, String> {
+    let scheme = if auth.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    if let Some(tls) = &auth.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| crate::discovery::error_chain(&e))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| crate::discovery::error_chain(&e))?;
+    Ok(InterceptedService::new(channel, auth.token.clone()))
+}
+
+/// Connects to a manager at `addr` (`host:port`) in plaintext without a token, failing
+/// after `timeout`.
 pub async fn connect(
     addr: &str,
     timeout: Duration,
-) -> Result<PushServerClient<Channel>, ClientError> {
-    let channel = channel(addr, timeout)
+) -> Result<PushServerClient<ManagerChannel>, ClientError> {
+    connect_with(addr, timeout, &ClientAuth::default()).await
+}
+
+/// Connects to a manager at `addr` with `auth`'s TLS and token, failing after `timeout`.
+pub async fn connect_with(
+    addr: &str,
+    timeout: Duration,
+    auth: &ClientAuth,
+) -> Result<PushServerClient<ManagerChannel>, ClientError> {
+    let channel = channel(addr, timeout, auth)
         .await
         .map_err(|reason| ClientError::Connect {
             addr: addr.to_string(),
@@ -89,9 +242,10 @@ pub async fn connect(
 /// and is retried on another manager may be delivered twice (nodes dedupe by `msg_id`).
 pub struct ManagerPool {
     managers: Vec<ManagerEndpoint>,
-    clients: Vec<Option<PushServerClient<Channel>>>,
+    clients: Vec<Option<PushServerClient<ManagerChannel>>>,
     next: usize,
     timeout: Duration,
+    auth: ClientAuth,
 }
 
 impl ManagerPool {
@@ -103,7 +257,14 @@ impl ManagerPool {
             clients,
             next: 0,
             timeout,
+            auth: ClientAuth::default(),
         }
+    }
+
+    /// The same pool, connecting with `auth`'s TLS and token.
+    pub fn with_auth(mut self, auth: ClientAuth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// A pool over the managers registered in etcd now
@@ -139,16 +300,18 @@ impl ManagerPool {
             let i = (self.next + attempt) % n;
             let mut client = match &self.clients[i] {
                 Some(c) => c.clone(),
-                None => match connect(&self.managers[i].addr, self.timeout).await {
-                    Ok(c) => {
-                        self.clients[i] = Some(c.clone());
-                        c
+                None => {
+                    match connect_with(&self.managers[i].addr, self.timeout, &self.auth).await {
+                        Ok(c) => {
+                            self.clients[i] = Some(c.clone());
+                            c
+                        }
+                        Err(e) => {
+                            last = Some(e);
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        last = Some(e);
-                        continue;
-                    }
-                },
+                }
             };
             match client.broadcast(req.clone()).await {
                 Ok(reply) => {
@@ -195,6 +358,18 @@ pub struct SendArgs {
     /// Password of --etcd-user (prefer the env var: a flag shows in the process list).
     #[arg(long, value_name = "PASSWORD", env = "PUSH_MANAGER_ETCD_PASSWORD")]
     pub etcd_password: Option<String>,
+    /// CAs (PEM) to verify etcd's certificate with, for https:// --etcd endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd, with --etcd-tls-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_tls_key")]
+    pub etcd_tls_cert: Option<PathBuf>,
+    /// Private key of --etcd-tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_tls_cert")]
+    pub etcd_tls_key: Option<PathBuf>,
+    /// TLS and token toward the manager.
+    #[command(flatten)]
+    pub security: ClientSecurity,
     /// Idempotency key; with --count N > 1, `-1` .. `-N` is appended. Default: the manager
     /// assigns one.
     #[arg(long)]
@@ -253,20 +428,33 @@ impl SendArgs {
 /// (with `--etcd`, followed by `manager=<manager_id>`).
 pub async fn send(args: SendArgs) -> Result<(), ClientError> {
     let payload = args.read_payload()?;
+    let auth = args.security.load()?;
     let with_etcd = !args.etcd.is_empty();
     let mut pool = if with_etcd {
-        let mut settings = EtcdSettings::new(args.etcd.clone());
+        let etcd_tls = args
+            .etcd_tls_ca
+            .clone()
+            .map(|ca| crate::tls::ClientTlsFiles {
+                ca,
+                cert: args.etcd_tls_cert.clone(),
+                key: args.etcd_tls_key.clone(),
+                domain: None,
+                options: ("--etcd-tls-ca", "--etcd-tls-cert", "--etcd-tls-key"),
+            });
+        let mut settings = EtcdSettings::new(args.etcd.clone()).with_tls(etcd_tls);
         settings.user = args.etcd_user.clone();
         settings.password = args.etcd_password.clone();
-        ManagerPool::from_etcd(&settings, args.timeout).await?
+        ManagerPool::from_etcd(&settings, args.timeout)
+            .await?
+            .with_auth(auth)
     } else {
         let server = ManagerEndpoint {
             manager_id: String::new(),
             addr: args.server.clone(),
         };
-        let mut pool = ManagerPool::new(vec![server], args.timeout);
+        let mut pool = ManagerPool::new(vec![server], args.timeout).with_auth(auth.clone());
         // Connect now, so an unreachable server is reported as such before any send.
-        pool.clients[0] = Some(connect(&args.server, args.timeout).await?);
+        pool.clients[0] = Some(connect_with(&args.server, args.timeout, &auth).await?);
         pool
     };
     let mut out = std::io::stdout().lock();

@@ -49,6 +49,11 @@ const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// HTTP/2 streams per client connection: enough for a busy caller's concurrency (push-bench
+/// runs 256 callers over one connection) while bounding what one connection can hold open.
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Requests of one connection in the handlers at once; more queue in the connection.
+const DEFAULT_CONCURRENCY_PER_CONNECTION: usize = 256;
 
 /// Upper bound of `--max-payload-bytes`: one message must fit comfortably in
 /// a gRPC frame and in memory once per in-flight delivery.
@@ -257,6 +262,73 @@ pub struct ServeArgs {
         default_missing_value = "true"
     )]
     pub no_admin: Option<bool>,
+
+    /// Serve gRPC over TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    /// Reloaded on SIGHUP or when the file changes [default: none, plaintext]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM) [default: none]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by these CAs (PEM): mutual TLS; needs --tls-cert
+    /// [default: none, no client certificates]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Deliver to connect-nodes over TLS, verifying their certificates against these CAs
+    /// (PEM) [default: none, plaintext to nodes]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_NODE_TLS_CA")]
+    pub node_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to connect-nodes (mTLS); needs --node-tls-key and
+    /// --node-tls-ca [default: none]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_NODE_TLS_CERT")]
+    pub node_tls_cert: Option<PathBuf>,
+
+    /// Private key of --node-tls-cert (PEM) [default: none]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_NODE_TLS_KEY")]
+    pub node_tls_key: Option<PathBuf>,
+
+    /// CAs (PEM) to verify etcd's certificate with; needs https:// --etcd endpoints
+    /// [default: none, plaintext to etcd]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_ETCD_TLS_CA")]
+    pub etcd_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to etcd; needs --etcd-tls-key and --etcd-tls-ca
+    /// [default: none]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_ETCD_TLS_CERT")]
+    pub etcd_tls_cert: Option<PathBuf>,
+
+    /// Private key of --etcd-tls-cert (PEM) [default: none]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_ETCD_TLS_KEY")]
+    pub etcd_tls_key: Option<PathBuf>,
+
+    /// File of bearer tokens, one per line, one of which Broadcast callers must send
+    /// (`authorization: Bearer <token>`); reloaded like the certificates
+    /// [default: none, Broadcast is open]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// File of bearer tokens for the admin API, one per line. Without it (and without
+    /// --tls-client-ca) the admin API serves loopback callers only [default: none]
+    #[arg(long, value_name = "FILE", env = "PUSH_MANAGER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Most concurrent HTTP/2 streams (calls) one client connection may open, 1 to 65536
+    /// [default: 256]
+    #[arg(long, value_name = "N", env = "PUSH_MANAGER_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+
+    /// Most requests of one connection handled at once; more wait their turn, 1 to 65536
+    /// [default: 256]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PUSH_MANAGER_CONCURRENCY_PER_CONNECTION"
+    )]
+    pub concurrency_per_connection: Option<usize>,
 }
 
 /// The validated `serve` configuration: every option has its final value.
@@ -314,6 +386,20 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// Serve the admin API on the listen address (false with `--no-admin`).
     pub admin: bool,
+    /// TLS on the gRPC server; `None`: plaintext.
+    pub tls: Option<crate::tls::ServerTlsFiles>,
+    /// TLS toward connect-nodes; `None`: plaintext.
+    pub node_tls: Option<crate::tls::ClientTlsFiles>,
+    /// TLS toward etcd; `None`: plaintext (`http://` endpoints).
+    pub etcd_tls: Option<crate::tls::ClientTlsFiles>,
+    /// Bearer tokens required on Broadcast; `None`: open.
+    pub token_file: Option<PathBuf>,
+    /// Bearer tokens required on the admin API; `None`: loopback (or mTLS) callers only.
+    pub admin_token_file: Option<PathBuf>,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Requests of one connection handled at once.
+    pub concurrency_per_connection: usize,
 }
 
 /// A fixed connect-node, written `ID=ADDR` (`node-a=127.0.0.1:7001`).
@@ -620,7 +706,8 @@ impl ServeArgs {
             return Err(m.invalid("--data-dir", "", o, "expected a directory path".into()));
         }
 
-        let (etcd, o) = pick_list(self.etcd, file.etcd);
+        let (etcd, etcd_origin) = pick_list(self.etcd, file.etcd);
+        let o = etcd_origin;
         let etcd = etcd
             .into_iter()
             .map(|url| {
@@ -835,6 +922,108 @@ impl ServeArgs {
             m.check(n >= 1, "--max-pending-per-node", n, o, "at least 1".into())?;
         }
 
+        let tls =
+            {
+                let cert = pick_opt(self.tls_cert, file.tls_cert);
+                let key = pick_opt(self.tls_key, file.tls_key);
+                let client_ca = pick_opt(self.tls_client_ca, file.tls_client_ca);
+                match (cert, key) {
+                    ((Some(cert), _), (Some(key), _)) => Some(crate::tls::ServerTlsFiles {
+                        cert,
+                        key,
+                        client_ca: client_ca.0,
+                    }),
+                    ((None, _), (None, _)) => match client_ca {
+                        (Some(ca), o) => return Err(m.invalid(
+                            "--tls-client-ca",
+                            &ca.display().to_string(),
+                            o,
+                            "client certificates need server TLS: give --tls-cert and --tls-key"
+                                .into(),
+                        )),
+                        (None, _) => None,
+                    },
+                    ((Some(cert), o), (None, _)) => {
+                        return Err(m.invalid(
+                            "--tls-cert",
+                            &cert.display().to_string(),
+                            o,
+                            "has no key: give --tls-key too".into(),
+                        ))
+                    }
+                    ((None, _), (Some(key), o)) => {
+                        return Err(m.invalid(
+                            "--tls-key",
+                            &key.display().to_string(),
+                            o,
+                            "has no certificate: give --tls-cert too".into(),
+                        ))
+                    }
+                }
+            };
+        let node_tls = m.client_tls(
+            ("--node-tls-ca", "--node-tls-cert", "--node-tls-key"),
+            pick_opt(self.node_tls_ca, file.node_tls_ca),
+            pick_opt(self.node_tls_cert, file.node_tls_cert),
+            pick_opt(self.node_tls_key, file.node_tls_key),
+        )?;
+        let etcd_tls = m.client_tls(
+            ("--etcd-tls-ca", "--etcd-tls-cert", "--etcd-tls-key"),
+            pick_opt(self.etcd_tls_ca, file.etcd_tls_ca),
+            pick_opt(self.etcd_tls_cert, file.etcd_tls_cert),
+            pick_opt(self.etcd_tls_key, file.etcd_tls_key),
+        )?;
+        // etcd-client picks TLS by the endpoint's scheme: a mismatch would fail at the first
+        // call with a vaguer message.
+        for url in &etcd {
+            let https = url.starts_with("https://");
+            if https && etcd_tls.is_none() {
+                return Err(m.invalid(
+                    "--etcd",
+                    url,
+                    etcd_origin,
+                    "an https:// endpoint needs --etcd-tls-ca (the CA that signed etcd's \
+                     certificate)"
+                        .into(),
+                ));
+            }
+            if url.starts_with("http://") && etcd_tls.is_some() {
+                return Err(m.invalid(
+                    "--etcd",
+                    url,
+                    etcd_origin,
+                    "--etcd-tls-ca is given, so every endpoint must be https:// (or host:port)"
+                        .into(),
+                ));
+            }
+        }
+        let token_file = pick_opt(self.token_file, file.token_file).0;
+        let admin_token_file = pick_opt(self.admin_token_file, file.admin_token_file).0;
+        let (max_concurrent_streams, o) = pick(
+            self.max_concurrent_streams,
+            file.max_concurrent_streams,
+            DEFAULT_MAX_CONCURRENT_STREAMS,
+        );
+        m.check(
+            (1..=65_536).contains(&max_concurrent_streams),
+            "--max-concurrent-streams",
+            max_concurrent_streams,
+            o,
+            "1 to 65536".into(),
+        )?;
+        let (concurrency_per_connection, o) = pick(
+            self.concurrency_per_connection,
+            file.concurrency_per_connection,
+            DEFAULT_CONCURRENCY_PER_CONNECTION,
+        );
+        m.check(
+            (1..=65_536).contains(&concurrency_per_connection),
+            "--concurrency-per-connection",
+            concurrency_per_connection,
+            o,
+            "1 to 65536".into(),
+        )?;
+
         Ok(ServeConfig {
             listen,
             data_dir,
@@ -862,6 +1051,13 @@ impl ServeArgs {
             lease_ttl: lease_ttl.0,
             log_format,
             admin,
+            tls,
+            node_tls,
+            etcd_tls,
+            token_file,
+            admin_token_file,
+            max_concurrent_streams,
+            concurrency_per_connection,
         })
     }
 }
@@ -954,6 +1150,46 @@ impl Merge<'_> {
         }
     }
 
+    /// A client side's TLS files (CA, and a certificate with its key for mTLS): a
+    /// certificate or key without a CA, or one without the other, is an error.
+    fn client_tls(
+        &self,
+        options: (&'static str, &'static str, &'static str),
+        ca: (Option<PathBuf>, Origin),
+        cert: (Option<PathBuf>, Origin),
+        key: (Option<PathBuf>, Origin),
+    ) -> Result<Option<crate::tls::ClientTlsFiles>, ConfigError> {
+        let (ca_opt, cert_opt, key_opt) = options;
+        let shown = |p: &Path| p.display().to_string();
+        match (&cert, &key) {
+            ((Some(c), o), (None, _)) => {
+                return Err(self.invalid(cert_opt, &shown(c), *o, format!("needs {key_opt}")))
+            }
+            ((None, _), (Some(k), o)) => {
+                return Err(self.invalid(key_opt, &shown(k), *o, format!("needs {cert_opt}")))
+            }
+            _ => {}
+        }
+        match ca.0 {
+            Some(ca) => Ok(Some(crate::tls::ClientTlsFiles {
+                ca,
+                cert: cert.0,
+                key: key.0,
+                domain: None,
+                options,
+            })),
+            None => match cert {
+                (Some(c), o) => Err(self.invalid(
+                    cert_opt,
+                    &shown(&c),
+                    o,
+                    format!("a client certificate needs TLS: give {ca_opt} too"),
+                )),
+                (None, _) => Ok(None),
+            },
+        }
+    }
+
     /// Merges one duration option and checks it is within `min..=MAX_DURATION`.
     fn duration(
         &self,
@@ -1009,6 +1245,19 @@ struct FileConfig {
     lease_ttl: Option<FileDuration>,
     log_format: Option<LogFormat>,
     no_admin: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    node_tls_ca: Option<PathBuf>,
+    node_tls_cert: Option<PathBuf>,
+    node_tls_key: Option<PathBuf>,
+    etcd_tls_ca: Option<PathBuf>,
+    etcd_tls_cert: Option<PathBuf>,
+    etcd_tls_key: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    max_concurrent_streams: Option<u32>,
+    concurrency_per_connection: Option<usize>,
 }
 
 impl FileConfig {
@@ -1164,6 +1413,13 @@ mod tests {
             lease_ttl: Duration::from_secs(10),
             log_format: LogFormat::Text,
             admin: true,
+            tls: None,
+            node_tls: None,
+            etcd_tls: None,
+            token_file: None,
+            admin_token_file: None,
+            max_concurrent_streams: 256,
+            concurrency_per_connection: 256,
         }
     }
 
@@ -1198,7 +1454,7 @@ mod tests {
                 "--{long}: defaults live in resolve"
             );
         }
-        assert_eq!(n, 27);
+        assert_eq!(n, 40);
         let durability = cmd
             .get_arguments()
             .find(|a| a.get_id() == "durability")
@@ -1213,7 +1469,7 @@ mod tests {
         let text = r#"
             listen = "0.0.0.0:6000"
             data_dir = "/var/lib/pm"
-            etcd = ["http://e1:2379", "http://e2:2379"]
+            etcd = ["https://e1:2379", "e2:2379"]
             etcd_user = "pm"
             etcd_password = "s3cret"
             node_prefix = "/nodes/"
@@ -1237,6 +1493,19 @@ mod tests {
             lease_ttl = "15s"
             log_format = "json"
             no_admin = true
+            tls_cert = "/etc/pm/server.pem"
+            tls_key = "/etc/pm/server.key"
+            tls_client_ca = "/etc/pm/clients-ca.pem"
+            node_tls_ca = "/etc/pm/nodes-ca.pem"
+            node_tls_cert = "/etc/pm/to-nodes.pem"
+            node_tls_key = "/etc/pm/to-nodes.key"
+            etcd_tls_ca = "/etc/pm/etcd-ca.pem"
+            etcd_tls_cert = "/etc/pm/etcd-client.pem"
+            etcd_tls_key = "/etc/pm/etcd-client.key"
+            token_file = "/etc/pm/tokens"
+            admin_token_file = "/etc/pm/admin-tokens"
+            max_concurrent_streams = 100
+            concurrency_per_connection = 50
         "#;
         let keys: std::collections::BTreeSet<String> = toml::from_str::<toml::Table>(text)
             .expect("toml")
@@ -1257,7 +1526,7 @@ mod tests {
             ServeConfig {
                 listen: "0.0.0.0:6000".parse().expect("addr"),
                 data_dir: "/var/lib/pm".into(),
-                etcd: vec!["http://e1:2379".into(), "http://e2:2379".into()],
+                etcd: vec!["https://e1:2379".into(), "e2:2379".into()],
                 etcd_user: Some("pm".into()),
                 etcd_password: Some(Secret("s3cret".into())),
                 node_prefix: "/nodes/".into(),
@@ -1281,6 +1550,29 @@ mod tests {
                 lease_ttl: Duration::from_secs(15),
                 log_format: LogFormat::Json,
                 admin: false,
+                tls: Some(crate::tls::ServerTlsFiles {
+                    cert: "/etc/pm/server.pem".into(),
+                    key: "/etc/pm/server.key".into(),
+                    client_ca: Some("/etc/pm/clients-ca.pem".into()),
+                }),
+                node_tls: Some(crate::tls::ClientTlsFiles {
+                    ca: "/etc/pm/nodes-ca.pem".into(),
+                    cert: Some("/etc/pm/to-nodes.pem".into()),
+                    key: Some("/etc/pm/to-nodes.key".into()),
+                    domain: None,
+                    options: ("--node-tls-ca", "--node-tls-cert", "--node-tls-key"),
+                }),
+                etcd_tls: Some(crate::tls::ClientTlsFiles {
+                    ca: "/etc/pm/etcd-ca.pem".into(),
+                    cert: Some("/etc/pm/etcd-client.pem".into()),
+                    key: Some("/etc/pm/etcd-client.key".into()),
+                    domain: None,
+                    options: ("--etcd-tls-ca", "--etcd-tls-cert", "--etcd-tls-key"),
+                }),
+                token_file: Some("/etc/pm/tokens".into()),
+                admin_token_file: Some("/etc/pm/admin-tokens".into()),
+                max_concurrent_streams: 100,
+                concurrency_per_connection: 50,
             }
         );
     }
@@ -1302,6 +1594,105 @@ mod tests {
                 .expect("valid")
                 .admin
         );
+    }
+
+    /// The documented example file (`tools/push-manager.toml`, which the README points to)
+    /// lists every option as a commented `# key = value` line, and those values, all
+    /// uncommented, make a valid configuration.
+    #[test]
+    fn the_example_file_documents_every_option() {
+        let text = include_str!("../tools/push-manager.toml");
+        let mut keys = std::collections::BTreeSet::new();
+        let mut uncommented = String::new();
+        for line in text.lines() {
+            let Some((key, _)) = line.strip_prefix("# ").and_then(|l| l.split_once(" = ")) else {
+                continue;
+            };
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                assert!(keys.insert(key.to_string()), "{key} listed twice");
+                uncommented.push_str(&line[2..]);
+                uncommented.push('\n');
+            }
+        }
+        let flags: std::collections::BTreeSet<String> = T::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| *l != "config" && *l != "help")
+            .map(|l| l.replace('-', "_"))
+            .collect();
+        assert_eq!(keys, flags, "tools/push-manager.toml vs the flags");
+        with_file(ServeArgs::default(), &uncommented).expect("the example values are valid");
+        // The lines that show defaults resolve to the defaults.
+        let c = with_file(ServeArgs::default(), &uncommented).expect("valid");
+        let d = defaults();
+        assert_eq!(
+            (
+                c.listen,
+                c.max_payload_bytes,
+                c.dedupe_window,
+                c.max_attempts,
+                c.max_in_flight
+            ),
+            (
+                d.listen,
+                d.max_payload_bytes,
+                d.dedupe_window,
+                d.max_attempts,
+                d.max_in_flight
+            )
+        );
+        assert_eq!(
+            (
+                c.max_concurrent_streams,
+                c.concurrency_per_connection,
+                c.delivery_batch
+            ),
+            (
+                d.max_concurrent_streams,
+                d.concurrency_per_connection,
+                d.delivery_batch
+            )
+        );
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let e = err(parse(&["--tls-cert", "c.pem"]).expect("clap").resolve());
+        assert!(e.contains("--tls-cert") && e.contains("--tls-key"), "{e}");
+        let e = err(parse(&["--tls-client-ca", "ca.pem"])
+            .expect("clap")
+            .resolve());
+        assert!(
+            e.contains("--tls-client-ca") && e.contains("--tls-cert"),
+            "{e}"
+        );
+        let e = err(
+            parse(&["--node-tls-cert", "c.pem", "--node-tls-key", "k.pem"])
+                .expect("clap")
+                .resolve(),
+        );
+        assert!(e.contains("--node-tls-ca"), "{e}");
+        let e = err(
+            parse(&["--etcd-tls-ca", "ca.pem", "--etcd-tls-key", "k.pem"])
+                .expect("clap")
+                .resolve(),
+        );
+        assert!(e.contains("--etcd-tls-cert"), "{e}");
+        let e = err(parse(&["--etcd", "https://127.0.0.1:2379"])
+            .expect("clap")
+            .resolve());
+        assert!(e.contains("--etcd-tls-ca"), "{e}");
+        let e = err(
+            parse(&["--etcd", "http://127.0.0.1:2379", "--etcd-tls-ca", "ca.pem"])
+                .expect("clap")
+                .resolve(),
+        );
+        assert!(e.contains("https://"), "{e}");
+        let c = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"])
+            .expect("clap")
+            .resolve()
+            .expect("valid");
+        assert_eq!(c.tls.map(|t| t.client_ca), Some(None));
     }
 
     #[test]

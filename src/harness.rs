@@ -344,6 +344,19 @@ pub struct EtcdProcess {
     peer_port: u16,
     dir: PathBuf,
     proc: Option<Proc>,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS for an [`EtcdProcess`]: its certificate and key (PEM), and the CA that signed them,
+/// which clients (and the readiness check) verify it with.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// etcd's certificate (`--cert-file`), valid for 127.0.0.1.
+    pub cert: PathBuf,
+    /// Its key (`--key-file`).
+    pub key: PathBuf,
+    /// The CA that signed `cert`.
+    pub ca: PathBuf,
 }
 
 impl EtcdProcess {
@@ -354,12 +367,20 @@ impl EtcdProcess {
             peer_port: free_port()?,
             dir: dir.to_path_buf(),
             proc: None,
+            tls: None,
         })
     }
 
-    /// `http://127.0.0.1:PORT`, for `--etcd`.
+    /// The same etcd, serving clients over TLS (`--cert-file`, `--key-file`).
+    pub fn with_tls(mut self, tls: EtcdTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for `--etcd`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The data dir.
@@ -425,7 +446,13 @@ impl EtcdProcess {
         let log_err = log.try_clone().map_err(open_err)?;
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()));
+        }
+        let child = command
             .arg("--name=test")
             .arg(format!("--data-dir={}", self.data_dir().display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -451,9 +478,18 @@ impl EtcdProcess {
 
     async fn wait_ready(&mut self) -> Result<(), HarnessError> {
         let start = Instant::now();
-        let options = etcd_client::ConnectOptions::new()
+        let mut options = etcd_client::ConnectOptions::new()
             .with_timeout(Duration::from_secs(1))
             .with_connect_timeout(Duration::from_secs(1));
+        if let Some(tls) = &self.tls {
+            let ca = std::fs::read(&tls.ca).map_err(|e| {
+                HarnessError(format!("cannot read etcd's CA {}: {e}", tls.ca.display()))
+            })?;
+            options = options.with_tls(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            );
+        }
         let mut last = String::new();
         while start.elapsed() < ETCD_START_DEADLINE {
             if let Some(p) = self.proc.as_mut() {
@@ -467,6 +503,9 @@ impl EtcdProcess {
             match etcd_client::Client::connect([self.url()], Some(options.clone())).await {
                 Ok(mut c) => match c.get("/", None).await {
                     Ok(_) => return Ok(()),
+                    // With auth enabled (a restart of an etcd a test secured), an anonymous
+                    // read is refused, which means etcd is up and answering.
+                    Err(e) if e.to_string().contains("user name is empty") => return Ok(()),
                     Err(e) => last = e.to_string(),
                 },
                 Err(e) => last = e.to_string(),

@@ -22,9 +22,14 @@
 //! Operators see the queues through [`store::inspect`] (typed listing, replay, purge,
 //! import, verify): offline with the `queue-dump` tool, on a running manager through the
 //! admin API ([`api::admin`]) and its client ([`admin_client`]), both printed by [`report`].
+//!
+//! Security sits at the edges: [`tls`] (server, node, etcd and client TLS, certificates
+//! reloaded in place) and [`auth`] (bearer tokens on Broadcast and the admin API, and the
+//! admin API's loopback guard).
 
 pub mod admin_client;
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod demo;
@@ -36,6 +41,7 @@ pub mod report;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
 
 /// Generated code for `proto/broadcast.proto` (package `broadcast`).
 #[allow(clippy::unwrap_used)]

@@ -9,9 +9,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ClientTlsConfig;
 
 use crate::api::admin::AdminService;
 use crate::api::broadcast::BroadcastService;
+use crate::auth::{AdminGuard, BroadcastAuth, Tokens};
 use crate::config::ServeConfig;
 use crate::discovery::managers::manager_key;
 use crate::discovery::{Discovery, DiscoveryOptions, Registration};
@@ -21,6 +24,7 @@ use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::push_server_server::PushServerServer;
 use crate::store::commit::{CommitOptions, Limits};
 use crate::store::{Committer, Store, StoreError};
+use crate::tls::{ClientTlsFiles, ReloadableServerTls};
 
 /// Most of `--shutdown-timeout` kept back from the drain for closing the servers and the
 /// final store sync, so even a drain that runs out of time ends with the store flushed.
@@ -75,6 +79,189 @@ const REOPEN_PROBE_BYTES: usize = 8 * 1024 * 1024;
 /// Bound on waiting for the previous store handle to let go of sled's lock at a reopen.
 const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(15);
 
+/// How often the certificate and token files are checked for changes (modification time
+/// and size), besides SIGHUP: soon enough for a renewal tool that just rewrites the files,
+/// cheap enough to be unnoticeable.
+const RELOAD_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Largest request header block: room for any token and the usual gRPC headers, far below
+/// what would let one request hold much memory before it is even decoded.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// The server's security settings, loaded from the files the config names: TLS toward
+/// clients and nodes, and the token sets. Everything here is read again by
+/// [`Security::reload`], on SIGHUP or when a file changes; a reload that fails keeps the
+/// previous settings, so a bad edit is logged, never fatal.
+pub struct Security {
+    server_tls: Option<Arc<ReloadableServerTls>>,
+    node_tls: Option<(ClientTlsFiles, watch::Sender<ClientTlsConfig>)>,
+    broadcast_tokens: Option<Arc<Tokens>>,
+    admin_tokens: Option<Arc<Tokens>>,
+}
+
+impl Security {
+    /// Reads every file the config names (the etcd TLS files too, to fail at start rather
+    /// than at the first etcd call); an error names the file and what to do.
+    pub fn load(cfg: &ServeConfig) -> Result<Self, ServerError> {
+        let err = |e: &dyn std::fmt::Display| ServerError::Config(e.to_string());
+        let server_tls = match &cfg.tls {
+            Some(files) => Some(Arc::new(
+                ReloadableServerTls::load(files.clone()).map_err(|e| err(&e))?,
+            )),
+            None => None,
+        };
+        let node_tls = match &cfg.node_tls {
+            Some(files) => {
+                let config = files.build().map_err(|e| err(&e))?;
+                Some((files.clone(), watch::channel(config).0))
+            }
+            None => None,
+        };
+        if let Some(files) = &cfg.etcd_tls {
+            files.build().map_err(|e| err(&e))?;
+        }
+        let tokens = |option, path: &Option<std::path::PathBuf>| match path {
+            Some(p) => Tokens::load(option, p).map(|t| Some(Arc::new(t))),
+            None => Ok(None),
+        };
+        Ok(Security {
+            server_tls,
+            node_tls,
+            broadcast_tokens: tokens("--token-file", &cfg.token_file).map_err(|e| err(&e))?,
+            admin_tokens: tokens("--admin-token-file", &cfg.admin_token_file)
+                .map_err(|e| err(&e))?,
+        })
+    }
+
+    /// Whether clients must present a certificate.
+    fn mtls(&self) -> bool {
+        self.server_tls
+            .as_ref()
+            .is_some_and(|t| t.requires_client_cert())
+    }
+
+    /// The latest TLS configuration toward nodes, for the delivery workers.
+    fn node_tls(&self) -> Option<watch::Receiver<ClientTlsConfig>> {
+        self.node_tls.as_ref().map(|(_, tx)| tx.subscribe())
+    }
+
+    /// Every file a reload reads.
+    fn watched(&self) -> Vec<std::path::PathBuf> {
+        let mut paths = Vec::new();
+        if let Some(tls) = &self.server_tls {
+            paths.extend(tls.files().paths());
+        }
+        if let Some((files, _)) = &self.node_tls {
+            paths.extend(files.paths());
+        }
+        for tokens in [&self.broadcast_tokens, &self.admin_tokens]
+            .into_iter()
+            .flatten()
+        {
+            paths.push(tokens.path().to_owned());
+        }
+        paths
+    }
+
+    /// Reads every file again; each part that fails keeps its previous settings. New
+    /// connections (from clients, and toward nodes: every worker reconnects) use the new
+    /// certificates; open ones and the queues are untouched.
+    pub fn reload(&self, trigger: &str) {
+        let mut failed = 0;
+        if let Some(tls) = &self.server_tls {
+            if let Err(e) = tls.reload() {
+                failed += 1;
+                tracing::error!(error = %e, "server TLS not reloaded; the previous certificate stays");
+            }
+        }
+        if let Some((files, tx)) = &self.node_tls {
+            match files.build() {
+                Ok(config) => {
+                    tx.send_replace(config);
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(error = %e, "TLS toward nodes not reloaded; the previous settings stay");
+                }
+            }
+        }
+        for tokens in [&self.broadcast_tokens, &self.admin_tokens]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = tokens.reload() {
+                failed += 1;
+                tracing::error!(error = %e, "tokens not reloaded; the previous ones stay");
+            }
+        }
+        match failed {
+            0 => tracing::info!(trigger, "certificates and tokens reloaded"),
+            n => tracing::warn!(trigger, failed = n, "reload incomplete (see above)"),
+        }
+    }
+}
+
+/// Reloads [`Security`] on SIGHUP and when one of its files changes, until `stop`.
+/// SIGHUP is always caught, so `systemctl reload` (or a stray hangup) never stops the
+/// manager, even with nothing to reload.
+async fn reload_loop(security: Arc<Security>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; certificates reload on file change only");
+            None
+        }
+    };
+    let paths = security.watched();
+    let mut stamps = crate::tls::file_stamps(&paths);
+    let mut tick = tokio::time::interval(RELOAD_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if paths.is_empty() {
+                    tracing::info!("SIGHUP: no certificate or token file configured; nothing to reload");
+                    continue;
+                }
+                security.reload("SIGHUP");
+                stamps = crate::tls::file_stamps(&paths);
+            }
+            _ = tick.tick(), if !paths.is_empty() => {
+                let now = crate::tls::file_stamps(&paths);
+                if now != stamps {
+                    stamps = now;
+                    security.reload("file changed");
+                }
+            }
+        }
+    }
+}
+
+/// Start-up warnings about exposure: plaintext on a non-loopback address, and what guards
+/// the admin API.
+fn warn_exposure(cfg: &ServeConfig, security: &Security) {
+    let loopback = cfg.listen.ip().is_loopback();
+    if !loopback && security.server_tls.is_none() {
+        tracing::warn!(
+            listen = %cfg.listen,
+            "serving plaintext gRPC on a non-loopback address: broadcasts (and any bearer \
+             tokens) cross the network unencrypted; give --tls-cert and --tls-key"
+        );
+    }
+    if !loopback && cfg.admin && security.admin_tokens.is_none() && !security.mtls() {
+        tracing::info!(
+            "the admin API answers loopback callers only; set --admin-token-file (or \
+             --tls-client-ca) to use it from other hosts, or --no-admin"
+        );
+    }
+}
+
 /// How one run of the server ended.
 enum Ended {
     /// `shutdown` resolved (or the gRPC server stopped): the manager is done.
@@ -95,9 +282,16 @@ enum Ended {
 /// on the same addresses, within this call: the port is closed for a moment in between.
 pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     tokio::pin!(shutdown);
+    // Loaded before the store is opened: a bad certificate or token file stops the start
+    // without touching the data dir. Kept across store reopens, like the reload task.
+    let security = Arc::new(Security::load(&cfg)?);
+    warn_exposure(&cfg, &security);
+    let reload_stop = CancellationToken::new();
+    let _stop_reloads = reload_stop.clone().drop_guard();
+    tokio::spawn(reload_loop(security.clone(), reload_stop));
     let mut reopening = false;
     loop {
-        match run_once(cfg.clone(), reopening, shutdown.as_mut()).await? {
+        match run_once(cfg.clone(), reopening, shutdown.as_mut(), &security).await? {
             Ended::Shutdown => return Ok(()),
             Ended::Reopen => {
                 tracing::warn!("space is back: opening the store again");
@@ -130,6 +324,7 @@ async fn run_once<F: Future<Output = ()>>(
     cfg: ServeConfig,
     reopening: bool,
     shutdown: std::pin::Pin<&mut F>,
+    security: &Security,
 ) -> Result<Ended, ServerError> {
     let dir = cfg.data_dir.display().to_string();
     let store_err = |source| ServerError::Store {
@@ -202,6 +397,7 @@ async fn run_once<F: Future<Output = ()>>(
             backoff_initial: cfg.backoff_initial,
             backoff_max: cfg.backoff_max,
             delivery_timeout: cfg.delivery_timeout,
+            node_tls: security.node_tls(),
         },
         committed_rx,
         workers_stop,
@@ -237,15 +433,19 @@ async fn run_once<F: Future<Output = ()>>(
     )
     .with_metrics(metrics.clone());
     // The operator API shares the port (and the drain token: its Drain stops accepting).
+    // Guarded by AdminGuard: tokens, mTLS, or loopback callers only (crate::auth).
     let admin = cfg.admin.then(|| {
-        AdminServer::new(AdminService::new(
-            store.clone(),
-            commit.clone(),
-            dispatcher.clone(),
-            metrics.clone(),
-            draining.clone(),
-            health.clone(),
-        ))
+        InterceptedService::new(
+            AdminServer::new(AdminService::new(
+                store.clone(),
+                commit.clone(),
+                dispatcher.clone(),
+                metrics.clone(),
+                draining.clone(),
+                health.clone(),
+            )),
+            AdminGuard::new(security.admin_tokens.clone(), security.mtls()),
+        )
     });
     // Reflection lets grpcurl-style tools call every service without the proto files; v1alpha
     // too, for tools that only speak that.
@@ -294,6 +494,9 @@ async fn run_once<F: Future<Output = ()>>(
         %manager_id,
         nodes = store.known_nodes().len(),
         durability = ?cfg.durability,
+        tls = security.server_tls.is_some(),
+        mtls = security.mtls(),
+        broadcast_auth = security.broadcast_tokens.is_some(),
         "push-manager serving"
     );
 
@@ -306,22 +509,35 @@ async fn run_once<F: Future<Output = ()>>(
         ))
     });
     let server_stop = CancellationToken::new();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_optional_service(admin)
-            .add_service(
-                PushServerServer::new(service)
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                server_stop.clone().cancelled_owned(),
-            ),
-    );
+    // Limits per connection: HTTP/2 streams, requests in the handlers (more wait in the
+    // connection), header size; the body limit (max_message) is checked by tonic against
+    // the gRPC length prefix, before a large body is buffered or decoded.
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .concurrency_limit_per_connection(cfg.concurrency_per_connection)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_optional_service(admin)
+        .add_service(InterceptedService::new(
+            PushServerServer::new(service)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            BroadcastAuth::new(security.broadcast_tokens.clone()),
+        ));
+    let stopped = server_stop.clone().cancelled_owned();
+    let mut server = match &security.server_tls {
+        // TLS accepted by our own loop, with the certificate current at each accept
+        // (crate::tls): a reload never restarts the server.
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
+            crate::tls::tls_incoming(listener, tls.clone()),
+            stopped,
+        )),
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
+        ),
+    };
 
     // Registered once serving: clients resolving managers from etcd find only ready ones.
     let registration = discovery.as_ref().map(|_| {

@@ -17,6 +17,8 @@
 //!   file therefore means "this node accepted it", even if the sim was SIGKILLed right
 //!   after.
 //! - SIGTERM or Ctrl-C: stop accepting, finish the calls in flight, exit 0.
+//! - With `--tls-cert`/`--tls-key` it serves over TLS, and with `--tls-client-ca` it
+//!   requires a client certificate (mTLS), so a manager's `--node-tls-*` can be tested.
 //! - With `--etcd URL`, once bound it registers `<etcd-prefix><node-id>` (a plain
 //!   `host:port`, or etcd naming JSON with `--etcd-format naming`) on a lease of
 //!   `--lease-ttl`, keeps it alive, and on SIGTERM / Ctrl-C revokes it before it stops
@@ -41,6 +43,7 @@ use push_manager::proto::push_server_server::{PushServer, PushServerServer};
 use push_manager::proto::{
     BatchItemResult, BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq,
 };
+use push_manager::tls::{tls_incoming, ClientTlsFiles, ReloadableServerTls, ServerTlsFiles};
 use rand::Rng;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -132,6 +135,36 @@ struct Args {
     /// Password of --etcd-user (the env var keeps it out of the process list).
     #[arg(long, value_name = "PASSWORD", env = "CONNECT_NODE_SIM_ETCD_PASSWORD")]
     etcd_password: Option<String>,
+
+    /// CAs (PEM) to verify etcd's certificate with, for https:// --etcd endpoints.
+    #[arg(long, value_name = "FILE")]
+    etcd_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to etcd, with --etcd-tls-key and --etcd-tls-ca.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "etcd_tls_key",
+        requires = "etcd_tls_ca"
+    )]
+    etcd_tls_cert: Option<PathBuf>,
+
+    /// Private key of --etcd-tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_tls_cert")]
+    etcd_tls_key: Option<PathBuf>,
+
+    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require callers (the manager) to present a certificate signed by these CAs (PEM):
+    /// mutual TLS. Needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// What `--etcd` asks for, checked before anything starts.
@@ -163,7 +196,17 @@ impl EtcdPlan {
         if let Some(a) = &args.advertise {
             validate_host_port(a).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
         }
-        let mut settings = EtcdSettings::new(args.etcd.clone());
+        let tls = args.etcd_tls_ca.clone().map(|ca| ClientTlsFiles {
+            ca,
+            cert: args.etcd_tls_cert.clone(),
+            key: args.etcd_tls_key.clone(),
+            domain: None,
+            options: ("--etcd-tls-ca", "--etcd-tls-cert", "--etcd-tls-key"),
+        });
+        if let Some(tls) = &tls {
+            tls.build()?;
+        }
+        let mut settings = EtcdSettings::new(args.etcd.clone()).with_tls(tls);
         match (&args.etcd_user, &args.etcd_password) {
             (Some(u), Some(p)) => settings = settings.with_user(u.clone(), p.clone()),
             (None, None) => {}
@@ -432,6 +475,14 @@ async fn main() -> Result<()> {
         .init();
 
     let etcd = EtcdPlan::from_args(&args)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(ReloadableServerTls::load(ServerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        })?)),
+        _ => None,
+    };
     let record = args.record.as_deref().map(Recorder::open).transpose()?;
     let sim = Arc::new(Sim {
         node_id: args.node_id,
@@ -466,11 +517,20 @@ async fn main() -> Result<()> {
 
     let service =
         PushServerServer::from_arc(Arc::clone(&sim)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("the gRPC server failed")?;
+    let router = tonic::transport::Server::builder().add_service(service);
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    }
+    .context("the gRPC server failed")?;
 
     eprintln!(
         "connect-node-sim {}: received {} broadcasts, answered {} OK",

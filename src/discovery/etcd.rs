@@ -67,7 +67,7 @@ pub struct DiscoveryOptions {
 impl DiscoveryOptions {
     /// The options `push-manager serve` runs with.
     pub fn from_config(cfg: &ServeConfig) -> Self {
-        let mut etcd = EtcdSettings::new(cfg.etcd.clone());
+        let mut etcd = EtcdSettings::new(cfg.etcd.clone()).with_tls(cfg.etcd_tls.clone());
         if let Some(user) = &cfg.etcd_user {
             etcd.user = Some(user.clone());
         }
@@ -140,6 +140,7 @@ impl Discovery {
             metrics,
             membership,
             client: None,
+            client_tls: Vec::new(),
             applied_rev: 0,
             first_read: first_tx,
             outage_since: None,
@@ -201,6 +202,9 @@ struct Follower {
     metrics: Option<Arc<Metrics>>,
     membership: Membership,
     client: Option<Client>,
+    /// The TLS files as they were when `client` was made: a client made before they changed
+    /// is replaced at the next (re)connection, so renewed certificates are used.
+    client_tls: crate::discovery::TlsStamps,
     /// Revision up to which etcd's state has been applied.
     applied_rev: i64,
     first_read: watch::Sender<FirstRead>,
@@ -267,12 +271,19 @@ impl Follower {
         &mut self,
         backoff: &mut backoff::ExponentialBackoff,
     ) -> Result<std::convert::Infallible, DiscoveryError> {
-        let client = match &self.client {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.opts.etcd.connect().await?;
-                self.client = Some(c.clone());
-                c
+        let client = {
+            let stamps = self.opts.etcd.tls_stamps();
+            match &self.client {
+                Some(c) if stamps == self.client_tls => c.clone(),
+                previous => {
+                    if previous.is_some() {
+                        tracing::info!("etcd TLS files changed; connecting with them");
+                    }
+                    let c = self.opts.etcd.connect().await?;
+                    self.client = Some(c.clone());
+                    self.client_tls = stamps;
+                    c
+                }
             }
         };
         let mut kv = client.kv_client();

@@ -184,6 +184,11 @@ impl From<etcd_client::Error> for DiscoveryError {
     }
 }
 
+/// An error with its causes, joined by `: `; for errors whose useful part is in a source.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    transport_reason(e)
+}
+
 /// A transport error with its causes, which is where tonic puts the useful part
 /// ("connection refused").
 fn transport_reason(e: &dyn std::error::Error) -> String {
@@ -222,10 +227,16 @@ fn from_status(s: &tonic::Status) -> DiscoveryError {
     }
 }
 
-/// How to reach etcd: endpoints and credentials. TLS to etcd (`https://` endpoints, a CA,
-/// a client certificate) is not built in yet; it will add fields here and enable
-/// etcd-client's TLS feature. Until then an `https://` endpoint is a clear
-/// [`DiscoveryError::Config`] at start.
+/// Modification time and size of each TLS file of an [`EtcdSettings`] (see
+/// [`EtcdSettings::tls_stamps`]).
+pub type TlsStamps = Vec<Option<(std::time::SystemTime, u64)>>;
+
+/// How to reach etcd: endpoints, credentials and TLS. With `tls`, endpoints are `https://`
+/// (or bare `host:port`) and the TLS files are read each time a client is made. Discovery
+/// and registration keep their client while it works (its channel reconnects by itself,
+/// with the files it was made with); when a call fails and they reconnect, they make a new
+/// client if the files changed since ([`EtcdSettings::tls_stamps`]), so renewed
+/// certificates are used from the next reconnection on.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EtcdSettings {
     /// Endpoints, `http://host:port` or `host:port`; calls are balanced over them.
@@ -238,6 +249,8 @@ pub struct EtcdSettings {
     pub request_timeout: Duration,
     /// Bound of establishing a connection to one endpoint.
     pub connect_timeout: Duration,
+    /// TLS toward etcd (a CA, and a client certificate for mTLS); `None`: plaintext.
+    pub tls: Option<crate::tls::ClientTlsFiles>,
 }
 
 impl fmt::Debug for EtcdSettings {
@@ -248,6 +261,7 @@ impl fmt::Debug for EtcdSettings {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -262,7 +276,23 @@ impl EtcdSettings {
             password: None,
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
+            tls: None,
         }
+    }
+
+    /// The TLS files' modification times and sizes (empty without TLS), to tell whether a
+    /// client made earlier used the current files.
+    pub fn tls_stamps(&self) -> TlsStamps {
+        self.tls
+            .as_ref()
+            .map(|t| crate::tls::file_stamps(&t.paths()))
+            .unwrap_or_default()
+    }
+
+    /// The same settings, over TLS.
+    pub fn with_tls(mut self, tls: Option<crate::tls::ClientTlsFiles>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The same settings, authenticating as `user` with `password`.
@@ -285,10 +315,12 @@ impl EtcdSettings {
         if self.endpoints.is_empty() {
             return Err(DiscoveryError::Config("no etcd endpoint given".into()));
         }
-        if let Some(e) = self.endpoints.iter().find(|e| e.starts_with("https://")) {
-            return Err(DiscoveryError::Config(format!(
-                "{e}: TLS to etcd is not supported by this build yet; use an http:// endpoint"
-            )));
+        if self.tls.is_none() {
+            if let Some(e) = self.endpoints.iter().find(|e| e.starts_with("https://")) {
+                return Err(DiscoveryError::Config(format!(
+                    "{e}: an https:// etcd endpoint needs TLS settings: give --etcd-tls-ca"
+                )));
+            }
         }
         let mut options = etcd_client::ConnectOptions::new()
             .with_timeout(self.request_timeout)
@@ -307,6 +339,12 @@ impl EtcdSettings {
                 ))
             }
             (None, None) => {}
+        }
+        if let Some(tls) = &self.tls {
+            let config = tls
+                .build()
+                .map_err(|e| DiscoveryError::Config(e.to_string()))?;
+            options = options.with_tls(config);
         }
         let connect = etcd_client::Client::connect(&self.endpoints, Some(options));
         // Bounded: with credentials, connect() makes a call, which must not hang on an
@@ -381,7 +419,7 @@ mod tests {
             .connect()
             .await
             .err();
-        assert!(matches!(e, Some(DiscoveryError::Config(m)) if m.contains("TLS")));
+        assert!(matches!(e, Some(DiscoveryError::Config(m)) if m.contains("--etcd-tls-ca")));
         let mut s = EtcdSettings::new(vec!["http://127.0.0.1:1".into()]);
         s.user = Some("u".into());
         let e = s.connect().await.err();

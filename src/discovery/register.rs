@@ -45,6 +45,7 @@ impl Registration {
             stop: stop.clone(),
             registered: tx,
             client: None,
+            client_tls: Vec::new(),
             lease: None,
             down_since: None,
             ever_registered: false,
@@ -104,6 +105,9 @@ struct Keeper {
     stop: CancellationToken,
     registered: watch::Sender<bool>,
     client: Option<Client>,
+    /// The TLS files as they were when `client` was made: a client made before they changed
+    /// is replaced at the next (re)connection, so renewed certificates are used.
+    client_tls: crate::discovery::TlsStamps,
     /// The lease the key is on, if any.
     lease: Option<i64>,
     /// Set while etcd does not let us register: an outage is logged once.
@@ -167,12 +171,19 @@ impl Keeper {
 
     /// Grants a lease, puts the key on it, opens the keep-alive stream.
     async fn register(&mut self) -> Result<(LeaseKeeper, LeaseKeepAliveStream), DiscoveryError> {
-        let mut client = match &self.client {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.settings.connect().await?;
-                self.client = Some(c.clone());
-                c
+        let mut client = {
+            let stamps = self.settings.tls_stamps();
+            match &self.client {
+                Some(c) if stamps == self.client_tls => c.clone(),
+                previous => {
+                    if previous.is_some() {
+                        tracing::info!("etcd TLS files changed; connecting with them");
+                    }
+                    let c = self.settings.connect().await?;
+                    self.client = Some(c.clone());
+                    self.client_tls = stamps;
+                    c
+                }
             }
         };
         let lease = client.lease_grant(self.ttl_secs, None).await?.id();

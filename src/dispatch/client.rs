@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::proto::push_server_client::PushServerClient;
 use crate::proto::{BroadCastBatchReq, BroadCastReq};
@@ -18,10 +18,18 @@ pub enum DeliveryError {
         /// Why it was refused.
         reason: String,
     },
+    /// The TLS configuration toward nodes was refused (checked at start, so only a file
+    /// changed since could cause it).
+    #[error("TLS toward nodes: {reason}")]
+    Tls {
+        /// tonic's reason.
+        reason: String,
+    },
 }
 
 impl DeliveryError {
-    /// Whether the same address may work later: never, it needs a new registration.
+    /// Whether the same settings may work later: never; a new registration or reload is
+    /// needed.
     pub fn is_retryable(&self) -> bool {
         false
     }
@@ -30,6 +38,7 @@ impl DeliveryError {
     pub fn code(&self) -> &'static str {
         match self {
             DeliveryError::BadAddress { .. } => "bad_address",
+            DeliveryError::Tls { .. } => "tls",
         }
     }
 }
@@ -43,15 +52,27 @@ pub struct NodeClient {
 
 impl NodeClient {
     /// A client for `addr` (`host:port`); connects on first use, reconnects after failures.
-    pub fn connect(addr: &str, timeout: Duration) -> Result<NodeClient, DeliveryError> {
+    /// With `tls`, over TLS: the node's certificate is verified against its CA for the
+    /// address's host, and the client certificate, if any, is presented (mTLS).
+    pub fn connect(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<NodeClient, DeliveryError> {
         let bad = |reason: String| DeliveryError::BadAddress {
             addr: addr.to_string(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|e| DeliveryError::Tls {
+                reason: crate::discovery::error_chain(&e),
+            })?;
+        }
         Ok(NodeClient {
             inner: PushServerClient::new(endpoint.connect_lazy()),
             timeout,

@@ -35,6 +35,9 @@ pub struct DeliveryConfig {
     pub backoff_max: Duration,
     /// Per-call deadline.
     pub delivery_timeout: Duration,
+    /// TLS toward nodes, the latest configuration (republished when certificates are
+    /// reloaded: each worker then reconnects); `None`: plaintext.
+    pub node_tls: Option<tokio::sync::watch::Receiver<tonic::transport::ClientTlsConfig>>,
 }
 
 /// Where and whether a worker delivers.
@@ -321,6 +324,7 @@ pub(crate) fn test_dispatcher(
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(10),
             delivery_timeout: Duration::from_secs(1),
+            node_tls: None,
         },
         committed,
         CancellationToken::new(),

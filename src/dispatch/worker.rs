@@ -153,6 +153,8 @@ impl NodeWorker {
             metrics_state: None,
         };
         self.connect(&mut st);
+        // Reloaded certificates toward nodes: a new channel for the calls from then on.
+        let mut tls_updates = cfg.node_tls.clone();
         let mut in_flight = FuturesUnordered::new();
         let mut committer_alive = true;
         loop {
@@ -181,6 +183,12 @@ impl NodeWorker {
                     }
                     self.retarget(&mut st);
                 }
+                reloaded = tls_changed(&mut tls_updates) => {
+                    if reloaded {
+                        tracing::info!(node = %self.node, "TLS settings reloaded; reconnecting");
+                        self.connect(&mut st);
+                    }
+                }
                 _ = tokio::time::sleep_until(wake) => {}
             }
             self.write_back(&mut st, false);
@@ -198,7 +206,8 @@ impl NodeWorker {
         if st.target.addr.is_empty() {
             return;
         }
-        match NodeClient::connect(&st.target.addr, self.cfg.delivery_timeout) {
+        let tls = self.cfg.node_tls.as_ref().map(|rx| rx.borrow().clone());
+        match NodeClient::connect(&st.target.addr, self.cfg.delivery_timeout, tls) {
             Ok(c) => st.client = Some(c),
             Err(e) => tracing::error!(node = %self.node, error = %e, "cannot deliver to node"),
         }
@@ -760,5 +769,23 @@ impl NodeWorker {
             wake = wake.min(st.last_write_back + WRITE_BACK_EVERY);
         }
         wake
+    }
+}
+
+/// Waits for a new TLS configuration toward nodes: true when one was published. Never
+/// resolves without TLS; once the publisher is gone (the server is stopping) it stops
+/// watching and returns false once.
+async fn tls_changed(
+    updates: &mut Option<watch::Receiver<tonic::transport::ClientTlsConfig>>,
+) -> bool {
+    match updates {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => true,
+            Err(_) => {
+                *updates = None;
+                false
+            }
+        },
+        None => std::future::pending().await,
     }
 }

@@ -31,6 +31,8 @@ pub fn etcd_bin() -> PathBuf {
 /// A running etcd; see the module docs.
 pub struct Etcd {
     inner: EtcdProcess,
+    /// With TLS: the CA its certificate is verified with.
+    tls_ca: Option<PathBuf>,
     // Last, so the directory outlives the process that uses it.
     dir: TempDir,
 }
@@ -38,6 +40,15 @@ pub struct Etcd {
 impl Etcd {
     /// Starts a single-member etcd and waits until it answers.
     pub async fn start() -> Etcd {
+        Etcd::start_with(None).await
+    }
+
+    /// Starts an etcd serving clients over TLS with `tls`'s certificate.
+    pub async fn start_tls(tls: push_manager::harness::EtcdTls) -> Etcd {
+        Etcd::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<push_manager::harness::EtcdTls>) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("etcd-")
             .tempdir()
@@ -45,11 +56,33 @@ impl Etcd {
         // Fails early, with the install hint, when there is no etcd.
         etcd_bin();
         let mut inner = EtcdProcess::new(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let tls_ca = tls.as_ref().map(|t| t.ca.clone());
+        if let Some(tls) = tls {
+            inner = inner.with_tls(tls);
+        }
         inner.start().await.unwrap_or_else(|e| panic!("{e}"));
-        Etcd { inner, dir }
+        Etcd { inner, tls_ca, dir }
     }
 
-    /// `http://127.0.0.1:PORT`, for `--etcd`.
+    /// Connect options for this etcd: bounded calls, TLS when it serves TLS.
+    fn options(&self) -> etcd_client::ConnectOptions {
+        let options = etcd_client::ConnectOptions::new()
+            .with_timeout(CALL_TIMEOUT)
+            .with_connect_timeout(CALL_TIMEOUT);
+        match &self.tls_ca {
+            Some(ca) => {
+                let pem =
+                    std::fs::read(ca).unwrap_or_else(|e| panic!("read {}: {e}", ca.display()));
+                options.with_tls(
+                    etcd_client::TlsOptions::new()
+                        .ca_certificate(etcd_client::Certificate::from_pem(pem)),
+                )
+            }
+            None => options,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for `--etcd`.
     pub fn url(&self) -> String {
         self.inner.url()
     }
@@ -71,19 +104,14 @@ impl Etcd {
 
     /// A client of this etcd, every call bounded.
     pub async fn client(&self) -> Client {
-        let options = etcd_client::ConnectOptions::new()
-            .with_timeout(CALL_TIMEOUT)
-            .with_connect_timeout(CALL_TIMEOUT);
-        Client::connect([self.url()], Some(options))
+        Client::connect([self.url()], Some(self.options()))
             .await
             .unwrap_or_else(|e| panic!("expected to connect to etcd at {}: {e}", self.url()))
     }
 
     /// A client authenticating as `user`.
     pub async fn client_as(&self, user: &str, password: &str) -> Client {
-        let options = etcd_client::ConnectOptions::new()
-            .with_timeout(CALL_TIMEOUT)
-            .with_user(user, password);
+        let options = self.options().with_user(user, password);
         Client::connect([self.url()], Some(options))
             .await
             .unwrap_or_else(|e| panic!("expected to log in to etcd as {user}: {e}"))

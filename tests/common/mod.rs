@@ -12,6 +12,7 @@
 // Every integration test file does `mod common;` and each uses a subset of these helpers.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod etcd;
 pub mod metrics;
 
@@ -380,6 +381,8 @@ pub struct Manager {
     starts: u32,
     /// A panic message already carried the log tail: don't print it again on drop.
     log_shown: bool,
+    /// How the harness's own health checks reach a manager serving TLS.
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
     dir: TempDir,
 }
 
@@ -428,6 +431,7 @@ impl Manager {
             log_path: dir.path().join("manager.log"),
             starts: 0,
             log_shown: false,
+            client_tls: None,
             dir,
         };
         manager.spawn();
@@ -461,7 +465,7 @@ impl Manager {
                     self.addr()
                 ));
             }
-            let last = match health_status(&self.addr()).await {
+            let last = match health_status(&self.addr(), self.client_tls.as_ref()).await {
                 Ok(ServingStatus::Serving) => return,
                 Ok(status) => format!("status {}", status.as_str_name()),
                 Err(e) => e,
@@ -480,6 +484,17 @@ impl Manager {
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// For a manager serving TLS: how the harness's health checks ([`Manager::wait_ready`],
+    /// [`Manager::health`]) connect to it.
+    pub fn set_client_tls(&mut self, tls: tonic::transport::ClientTlsConfig) {
+        self.client_tls = Some(tls);
+    }
+
+    /// The process id, to check a reload did not restart it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn port(&self) -> u16 {
@@ -532,7 +547,7 @@ impl Manager {
 
     /// One health check of service `""` now; an error text if it cannot be had.
     pub async fn health(&self) -> Result<ServingStatus, String> {
-        health_status(&self.addr()).await
+        health_status(&self.addr(), self.client_tls.as_ref()).await
     }
 
     /// Sends `signal` to the running manager and returns at once (see
@@ -653,10 +668,20 @@ async fn connect(addr: &str) -> Channel {
 }
 
 /// One health check of service `""`, each step bounded so polling keeps its pace.
-async fn health_status(addr: &str) -> Result<ServingStatus, String> {
+async fn health_status(
+    addr: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<ServingStatus, String> {
     let step = Duration::from_secs(1);
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| e.to_string())?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| e.to_string())?;
+    }
+    let channel = endpoint
         .connect_timeout(step)
         .timeout(step)
         .connect()
