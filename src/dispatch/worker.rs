@@ -47,9 +47,9 @@ const LOAD_BATCH: usize = 64;
 /// Pause after a store read error before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Payload bytes a worker has in flight at most, over all its calls (see the module docs).
-/// Without it a node's window could hold `max_in_flight` full batches (10 × 256 MiB at the
-/// limits); 1 MiB keeps a single node's drain rate (measured: 44,000 msgs/s of 1 KiB, as
-/// with 10 calls of 256 in flight).
+/// Without it a node's window could hold `max_in_flight` × `delivery_batch` payloads (2,560
+/// by default, each up to `max_payload_bytes`); 1 MiB keeps a single node's drain rate
+/// (measured: 44,000 msgs/s of 1 KiB, as with 10 calls of 256 in flight).
 const IN_FLIGHT_BYTES: usize = 1 << 20;
 
 /// The state of one unfinished, loaded entry that is not in flight.
