@@ -3,11 +3,9 @@
 //! The worker reads its node's ranges in sequence order (a bounded number at a time, so a
 //! million-message backlog does not live in memory), keeps up to `max_in_flight` calls
 //! outstanding, and records each finished entry in its range. A call carries up to
-//! `delivery_batch` entries as one `BroadcastBatch`, or one entry as a unary `Broadcast`
-//! once the node has answered a batch with UNIMPLEMENTED (until its address changes). All
-//! its calls together carry at most [`IN_FLIGHT_BYTES`] of payload (one larger message goes
-//! alone), so a worker's memory is bounded whatever the window and batch size, and a
-//! hundred nodes' workers do not hold a hundred windows of full batches. It sleeps until a commit
+//! `delivery_batch` entries as one `BroadcastBatch` (at most [`BATCH_BYTES`] of payload,
+//! and always at least one entry), or one entry as a unary `Broadcast` once the node has
+//! answered a batch with UNIMPLEMENTED (until its address changes). It sleeps until a commit
 //! round lands (the `committed` watch), a send completes, a timer is due, or its target
 //! (address, online state) changes: there is no polling loop.
 //!
@@ -46,11 +44,12 @@ const LOAD_TARGET: usize = 4096;
 const LOAD_BATCH: usize = 64;
 /// Pause after a store read error before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
-/// Payload bytes a worker has in flight at most, over all its calls (see the module docs).
-/// Without it a node's window could hold `max_in_flight` × `delivery_batch` payloads (2,560
-/// by default, each up to `max_payload_bytes`); 1 MiB keeps a single node's drain rate
-/// (measured: 44,000 msgs/s of 1 KiB, as with 10 calls of 256 in flight).
-const IN_FLIGHT_BYTES: usize = 1 << 20;
+/// Payload bytes one batch call carries at most (a larger single message goes alone): bounds
+/// a worker's memory to `max_in_flight` × this, whatever the batch size. A tighter bound,
+/// 1 MiB over all of a worker's calls, was tried and measured: the last calls under it
+/// carried a few messages each, and draining 150,000 queued messages to 3 nodes fell from
+/// 91,700 to 29,100 msgs/s at twice the manager CPU.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// The state of one unfinished, loaded entry that is not in flight.
 struct Entry {
@@ -98,8 +97,6 @@ struct State {
     /// Calls carry batches: `delivery_batch` > 1 and the node has not answered a batch with
     /// UNIMPLEMENTED since its address was last set.
     batch: bool,
-    /// Payload bytes of the calls in flight.
-    in_flight_bytes: usize,
     target: NodeTarget,
     /// Loaded, unfinished ranges by start sequence.
     ranges: BTreeMap<u64, RangeRecord>,
@@ -141,7 +138,6 @@ impl NodeWorker {
         let mut st = State {
             client: None,
             batch: false,
-            in_flight_bytes: 0,
             target: self.target.borrow_and_update().clone(),
             ranges: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -177,8 +173,7 @@ impl NodeWorker {
             let wake = self.next_wake(&st);
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                Some((bytes, call)) = in_flight.next(), if !in_flight.is_empty() => {
-                    st.in_flight_bytes -= bytes;
+                Some(call) = in_flight.next(), if !in_flight.is_empty() => {
                     self.on_call(&mut st, call);
                 }
                 r = self.committed.changed(), if committer_alive => {
@@ -201,8 +196,7 @@ impl NodeWorker {
             }
             self.write_back(&mut st, false);
         }
-        while let Some((bytes, call)) = in_flight.next().await {
-            st.in_flight_bytes -= bytes;
+        while let Some(call) = in_flight.next().await {
             self.on_call(&mut st, call);
         }
         self.write_back(&mut st, true);
@@ -280,7 +274,7 @@ impl NodeWorker {
     fn launch(
         &self,
         st: &mut State,
-        in_flight: &mut FuturesUnordered<futures::future::BoxFuture<'static, (usize, Call)>>,
+        in_flight: &mut FuturesUnordered<futures::future::BoxFuture<'static, Call>>,
     ) {
         if !st.target.delivers() {
             return;
@@ -306,14 +300,11 @@ impl NodeWorker {
             }
         }
         let per_call = if st.batch { self.cfg.delivery_batch } else { 1 };
-        while in_flight.len() < window && st.in_flight_bytes < IN_FLIGHT_BYTES {
+        while in_flight.len() < window {
             let mut call: Vec<Ready> = Vec::new();
             let mut bytes = 0;
-            // Nothing in flight: the first message goes whatever its size.
-            let alone = in_flight.is_empty();
-            let room = IN_FLIGHT_BYTES - st.in_flight_bytes;
-            while call.len() < per_call {
-                match self.next_ready(st, now, bytes, room, alone) {
+            while call.len() < per_call && (call.is_empty() || bytes < BATCH_BYTES) {
+                match self.next_ready(st, now, bytes) {
                     Some(ready) => {
                         bytes += ready.2.payload.len();
                         call.push(ready);
@@ -326,27 +317,15 @@ impl NodeWorker {
             }
             let epoch = st.epoch;
             let client = client.clone();
-            let batch = st.batch;
-            st.in_flight_bytes += bytes;
-            in_flight.push(Box::pin(async move {
-                (bytes, Self::send(client, call, batch, epoch).await)
-            }));
+            in_flight.push(Box::pin(Self::send(client, call, st.batch, epoch)));
         }
     }
 
     /// The next entry to send and its request, or `None` when there is none (or a store
     /// error paused the worker). Entries that cannot be sent (expired, quarantined, missing)
     /// are settled on the way. `bytes`: payload already in the call being built; an entry
-    /// that would take it past `room` is left for a later call, unless it would be the only
-    /// message in flight (`alone` and the call is empty).
-    fn next_ready(
-        &self,
-        st: &mut State,
-        now: Instant,
-        bytes: usize,
-        room: usize,
-        alone: bool,
-    ) -> Option<Ready> {
+    /// that would take it past [`BATCH_BYTES`] is left for the next call.
+    fn next_ready(&self, st: &mut State, now: Instant, bytes: usize) -> Option<Ready> {
         loop {
             let (seq, mut entry) = st.entries.pop_first()?;
             let msg = match self.store.shared_message(seq) {
@@ -378,7 +357,7 @@ impl NodeWorker {
                     return None;
                 }
             };
-            if (bytes > 0 || !alone) && bytes + msg.payload.len() > room {
+            if bytes > 0 && bytes + msg.payload.len() > BATCH_BYTES {
                 st.entries.insert(seq, entry);
                 return None;
             }
