@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::ClientTlsConfig;
 
 use crate::api::admin::AdminService;
@@ -534,9 +534,12 @@ async fn run_once<F: Future<Output = ()>>(
             crate::tls::tls_incoming(listener, tls.clone()),
             stopped,
         )),
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
-        ),
+        // TCP_NODELAY, as crate::tls sets it: a custom incoming stream skips the builder's
+        // socket options, and Nagle's algorithm held small replies back behind unacked ones.
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped,
+        )),
     };
 
     // Registered once serving: clients resolving managers from etcd find only ready ones.

@@ -45,7 +45,7 @@ use push_manager::proto::{
 };
 use push_manager::tls::{tls_incoming, ClientTlsFiles, ReloadableServerTls, ServerTlsFiles};
 use rand::Rng;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -526,7 +526,12 @@ async fn main() -> Result<()> {
         }
         None => {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(
+                    // Without TCP_NODELAY (which a custom incoming stream does not get from
+                    // the builder) Nagle's algorithm holds small answers back.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
                 .await
         }
     }

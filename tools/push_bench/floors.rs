@@ -23,7 +23,7 @@ use push_manager::proto::{
     BatchItemResult, BroadCastBatchReply, BroadCastBatchReq, BroadCastReply, BroadCastReq,
 };
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::load::{self, LoadSpec, Progress, Stamps, MAX_MESSAGE_BYTES};
@@ -208,9 +208,12 @@ pub async fn echo(calls: usize, size: usize, callers: usize, connections: usize)
         let listener = tokio::net::TcpListener::from_std(listener)?;
         tonic::transport::Server::builder()
             .add_service(PushServerServer::new(Echo).max_decoding_message_size(MAX_MESSAGE_BYTES))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
             .await
             .map_err(anyhow::Error::from)
     });
