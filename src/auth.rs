@@ -18,6 +18,8 @@ use std::sync::{Arc, RwLock};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::api::status::Rejected;
+
 /// Why a token file could not be used; names the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -159,17 +161,22 @@ impl Tokens {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         match bearer(request) {
-            None => Err(Status::unauthenticated(format!(
+            None => Err(refuse(format!(
                 "{what} needs a bearer token: send the header `authorization: Bearer <token>` \
                  (push-manager send/admin: --token-file FILE or PUSH_MANAGER_TOKEN)"
             ))),
             Some(token) if set.contains(token) => Ok(()),
-            Some(_) => Err(Status::unauthenticated(format!(
+            Some(_) => Err(refuse(format!(
                 "{what}: the bearer token is not accepted (not in the server's {})",
                 self.option
             ))),
         }
     }
+}
+
+/// A refusal, as the one mapping of errors to statuses (`crate::api::status`) words it.
+fn refuse(message: String) -> Status {
+    Rejected::Unauthenticated(message).into()
 }
 
 /// The token of an `authorization: Bearer <token>` header, if any.
@@ -238,7 +245,7 @@ impl AdminGuard {
         }
         match request.remote_addr() {
             Some(addr) if is_loopback(addr) => Ok(()),
-            peer => Err(Status::unauthenticated(format!(
+            peer => Err(refuse(format!(
                 "the admin API serves only loopback callers unless it is protected, and this \
                  caller is {}; set --admin-token-file (and call with --token-file) or \
                  --tls-client-ca on the manager, or call from the manager's host",

@@ -22,6 +22,10 @@ pub enum Rejected {
     /// `--disk-quota` or `--max-pending-per-node` would be passed; nothing was queued.
     #[error("{0}")]
     Exhausted(String),
+    /// A required bearer token is missing or not accepted, or the admin API refuses the
+    /// caller ([`crate::auth`]); the message says what to send.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 impl Rejected {
@@ -33,6 +37,7 @@ impl Rejected {
             Rejected::ShuttingDown => "shutting_down",
             Rejected::Store(_) => "store",
             Rejected::Exhausted(_) => "exhausted",
+            Rejected::Unauthenticated(_) => "unauthenticated",
         }
     }
 }
@@ -54,6 +59,7 @@ impl From<Rejected> for Status {
             Rejected::Invalid(m) => Status::invalid_argument(m),
             // CONTRACT: "disk quota reached: RESOURCE_EXHAUSTED, and nothing was queued".
             Rejected::Exhausted(m) => Status::resource_exhausted(m),
+            Rejected::Unauthenticated(m) => Status::unauthenticated(m),
             other @ (Rejected::NoNodes | Rejected::ShuttingDown | Rejected::Store(_)) => {
                 Status::unavailable(other.to_string())
             }
