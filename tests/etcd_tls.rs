@@ -11,10 +11,9 @@ mod common;
 use std::time::Duration;
 
 use common::certs::{arg, Ca, CertDir};
-use common::etcd::{wait_until_async, Etcd};
+use common::etcd::{wait_for_node_count, wait_until_async, Etcd};
 use common::{has_all, wait_until, Manager, Sim};
 use push_manager::harness::EtcdTls;
-use push_manager::proto::BroadCastReq;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -76,33 +75,10 @@ async fn manager_uses_etcd_over_tls_with_user_and_password() {
     manager.wait_ready().await;
 
     // Both nodes are known only through etcd: a node_count of 2 shows discovery worked.
-    let mut client = manager.client().await;
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let mut probe = 0;
-    loop {
-        probe += 1;
-        let reply = client
-            .broadcast(BroadCastReq {
-                msg_id: format!("probe-{probe}"),
-                payload: b"hi".to_vec(),
-                ..Default::default()
-            })
-            .await;
-        match reply {
-            Ok(r) if r.get_ref().node_count == 2 => break,
-            Ok(_) => {}
-            Err(s) if s.code() == tonic::Code::Unavailable => {}
-            Err(s) => panic!("broadcast refused: {s:?}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nodes a and b were not both discovered through etcd over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let last = format!("probe-{probe}");
+    let probes = wait_for_node_count(&manager, 2, "ab", DEADLINE).await;
+    let last = &probes[probes.len() - 1..];
     wait_until("nodes a and b have the broadcast", DEADLINE, || {
-        has_all(&sim, std::slice::from_ref(&last)) && has_all(&sim_b, std::slice::from_ref(&last))
+        has_all(&sim, last) && has_all(&sim_b, last)
     })
     .await;
 
@@ -129,32 +105,11 @@ async fn manager_uses_etcd_over_tls_with_user_and_password() {
         .put("/services/connect-node/c", sim_c.addr(), None)
         .await
         .expect("register node c");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        probe += 1;
-        let reply = client
-            .broadcast(BroadCastReq {
-                msg_id: format!("probe-{probe}"),
-                payload: b"hi".to_vec(),
-                ..Default::default()
-            })
-            .await;
-        match reply {
-            Ok(r) if r.get_ref().node_count == 3 => break,
-            Ok(_) => {}
-            Err(s) if s.code() == tonic::Code::Unavailable => {}
-            Err(s) => panic!("broadcast refused: {s:?}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node c, registered after etcd's certificate changed, was not discovered:\n{}",
-            manager.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let last = format!("probe-{probe}");
+    // Node c, registered after etcd's certificate changed, is discovered.
+    let probes = wait_for_node_count(&manager, 3, "c", Duration::from_secs(30)).await;
+    let last = &probes[probes.len() - 1..];
     wait_until("node c has the broadcast", DEADLINE, || {
-        has_all(&sim_c, std::slice::from_ref(&last))
+        has_all(&sim_c, last)
     })
     .await;
     assert!(
