@@ -9,6 +9,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use std::time::Duration;
 
 use common::certs::{arg, client_tls, Ca, CertDir};
@@ -81,6 +83,21 @@ async fn cli(args: &[String]) -> (bool, String, String) {
     )
 }
 
+/// A sim serving TLS with `cert`/`key` and requiring client certificates from `ca` (mTLS).
+fn mtls_node(id: &str, cert: &Path, key: &Path, ca: &Path) -> Sim {
+    Sim::start(
+        id,
+        &[
+            "--tls-cert",
+            &arg(cert),
+            "--tls-key",
+            &arg(key),
+            "--tls-client-ca",
+            &arg(ca),
+        ],
+    )
+}
+
 #[tokio::test]
 async fn broadcast_over_mtls_with_token_reaches_a_node_over_mtls_and_others_are_refused() {
     let ca = Ca::new("test-ca");
@@ -94,17 +111,7 @@ async fn broadcast_over_mtls_with_token_reaches_a_node_over_mtls_and_others_are_
     let tokens = certs.write("tokens", "# callers\nalpha-token\nbeta-token\n");
 
     // The node requires a client certificate from the CA: only mTLS delivery reaches it.
-    let sim = Sim::start(
-        "a",
-        &[
-            "--tls-cert",
-            &arg(&node_cert),
-            "--tls-key",
-            &arg(&node_key),
-            "--tls-client-ca",
-            &arg(&ca_pem),
-        ],
-    );
+    let sim = mtls_node("a", &node_cert, &node_key, &ca_pem);
     let data = tempfile::tempdir().expect("data dir");
     let mut manager = Manager::start(
         data.path(),
@@ -447,17 +454,7 @@ async fn a_node_requiring_mtls_refuses_a_manager_without_a_client_certificate() 
     let certs = CertDir::new();
     let ca_pem = certs.write("ca.pem", &ca.pem());
     let (node_cert, node_key) = certs.write_pair("node", &ca.issue("node-a"));
-    let sim = Sim::start(
-        "a",
-        &[
-            "--tls-cert",
-            &arg(&node_cert),
-            "--tls-key",
-            &arg(&node_key),
-            "--tls-client-ca",
-            &arg(&ca_pem),
-        ],
-    );
+    let sim = mtls_node("a", &node_cert, &node_key, &ca_pem);
     // TLS toward the node (it verifies the node) but no client certificate to present.
     let data = tempfile::tempdir().expect("data dir");
     let mut manager = Manager::start(
