@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::Path;
-
 use std::time::Duration;
 
 use common::certs::{arg, client_tls, Ca, CertDir};
