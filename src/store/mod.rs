@@ -757,6 +757,16 @@ impl Store {
         let Some(head) = self.get::<record::MessageHead>(&key)? else {
             return Ok(None);
         };
+        self.message_from_head(seq, head).map(Some)
+    }
+
+    /// Message `seq` from its decoded head, reading its further chunks.
+    fn message_from_head(
+        &self,
+        seq: u64,
+        head: record::MessageHead,
+    ) -> Result<MessageRecord, StoreError> {
+        let key = keys::message(seq);
         let chunks = head.chunks;
         let rest = (1..chunks).map(|i| {
             let k = keys::message_chunk(seq, i);
@@ -765,7 +775,7 @@ impl Store {
                 reason: format!("chunk {i} of {chunks} is missing"),
             })
         });
-        record::decode_message(&key, head, rest).map(Some)
+        record::decode_message(&key, head, rest)
     }
 
     /// [`Store::message`] through the cache the delivery workers share (see
@@ -786,16 +796,10 @@ impl Store {
             let Some((at, true)) = keys::parse_message(&k) else {
                 continue;
             };
-            let read = record::decode::<record::MessageHead>(&k, &v).and_then(|head| {
-                if head.chunks > 1 {
-                    self.message(at)
-                } else {
-                    record::decode_message(&k, head, std::iter::empty()).map(Some)
-                }
-            });
+            let read = record::decode::<record::MessageHead>(&k, &v)
+                .and_then(|head| self.message_from_head(at, head));
             let m = match read {
-                Ok(Some(m)) => Arc::new(m),
-                Ok(None) => continue,
+                Ok(m) => Arc::new(m),
                 Err(e) if at == seq => return Err(e),
                 // A bad record further on is reported when its own turn comes.
                 Err(_) => break,
