@@ -99,8 +99,10 @@ fn unary_run_with_floors_reports_every_figure() {
     assert_eq!(num(&r, "/accept_to_node_ms/count"), 600.0, "{r}");
     for path in [
         "/floors/sled_commit_per_s",
+        "/floors/sled_packed_per_s",
         "/floors/echo_per_s",
         "/floors/acked_vs_sled",
+        "/floors/acked_vs_sled_packed",
         "/floors/acked_vs_echo",
         "/floors/deliveries_vs_echo",
     ] {

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,23 +167,38 @@ async fn truncated_or_garbled_store_is_refused_at_start() {
 async fn an_undecodable_record_is_quarantined_and_the_queue_moves_on() {
     let data = tempfile::tempdir().unwrap();
     let ids = stopped_store_with_messages(data.path(), 20).await;
-    let bad = "c-7";
-    // Garble one message record's value in the stopped store (its checksum no longer
-    // matches), through sled directly: the store's API never writes a bad record.
-    let seq = with_store(data.path(), |s| s.find_message(bad).unwrap().held[0].seq);
-    {
+    // Garble the pack holding c-7 in the stopped store (its checksum no longer matches),
+    // through sled directly: the store's API never writes a bad record. The messages were
+    // sent 32 at a time, so the pack usually holds others too: all of them go to quarantine.
+    let seqs: BTreeMap<u64, String> = with_store(data.path(), |s| {
+        ids.iter()
+            .map(|id| (s.find_message(id).unwrap().held[0].seq, id.clone()))
+            .collect()
+    });
+    let seq = *seqs.iter().find(|(_, id)| *id == "c-7").unwrap().0;
+    let bad: BTreeSet<String> = {
         let db = sled::Config::new()
             .path(data.path().join("store"))
             .segment_size(8 * 1024 * 1024)
             .open()
             .unwrap();
-        let key = keys::message(seq);
+        let heads: Vec<u64> = db
+            .scan_prefix(keys::MESSAGES)
+            .keys()
+            .filter_map(|k| keys::parse_message(&k.unwrap()).filter(|(_, head)| *head))
+            .map(|(last, _)| last)
+            .collect();
+        let last = *heads.iter().find(|l| **l >= seq).unwrap();
+        let first = heads.iter().rev().find(|l| **l < seq).map_or(0, |l| l + 1);
+        let key = keys::message(last);
         let mut value = db.get(&key).unwrap().unwrap().to_vec();
-        let last = value.len() - 1;
-        value[last] ^= 0xff;
+        let end = value.len() - 1;
+        value[end] ^= 0xff;
         db.insert(&key, value).unwrap();
         db.flush().unwrap();
-    }
+        seqs.range(first..=last).map(|(_, id)| id.clone()).collect()
+    };
+    assert!(bad.contains("c-7"), "{bad:?}");
 
     let node = Sim::start("node-1", &[]);
     let mut m = Manager::start(
@@ -191,9 +207,9 @@ async fn an_undecodable_record_is_quarantined_and_the_queue_moves_on() {
         &["--backoff-initial", "20ms", "--backoff-max", "200ms"],
     );
     m.wait_ready().await;
-    let good: Vec<String> = ids.iter().filter(|i| *i != bad).cloned().collect();
+    let good: Vec<String> = ids.iter().filter(|i| !bad.contains(*i)).cloned().collect();
     wait_until(
-        "the node has every message but the garbled one",
+        "the node has every message but the garbled pack's",
         CONVERGE,
         || has_all(&node, &good),
     )
@@ -205,7 +221,8 @@ async fn an_undecodable_record_is_quarantined_and_the_queue_moves_on() {
         has_all(&node, &more)
     })
     .await;
-    assert!(!node.received_ids().contains_key(bad));
+    let received = node.received_ids();
+    assert!(bad.iter().all(|id| !received.contains_key(id)), "{bad:?}");
     wait_until("the quarantine is logged", CONVERGE, || {
         m.log().contains("moved to quarantine")
     })

@@ -324,7 +324,7 @@ fn archive_page(
                 .map_or(0, |(_, a)| *a);
             let (message, problem) = match store.message(seq) {
                 Ok(Some(m)) => (Some(m), None),
-                Ok(None) => (None, Some(format!("message record m/{seq} is missing"))),
+                Ok(None) => (None, Some(format!("message {seq}'s record is missing"))),
                 Err(e @ StoreError::Corrupt { .. }) => (None, Some(e.to_string())),
                 Err(e) => return Err(store_err("reading a message")(e)),
             };

@@ -335,13 +335,13 @@ impl NodeWorker {
                     if let Ok(true) = self.store.message_quarantined(seq) {
                         tracing::error!(
                             node = %self.node, seq,
-                            "message record m/{seq} is in quarantine; the entry leaves the queue"
+                            "message {seq}'s record is in quarantine; the entry leaves the queue"
                         );
                         self.metrics.quarantined();
                         self.finish(st, seq);
                         continue;
                     }
-                    let reason = format!("message record m/{seq} is missing");
+                    let reason = format!("message {seq}'s record is missing");
                     tracing::error!(node = %self.node, seq, "{reason}; moving to dead letters");
                     self.dead_letter(st, seq, entry, None, reason);
                     continue;
@@ -589,10 +589,11 @@ impl NodeWorker {
     /// stays live and is retried.
     fn quarantine(&self, st: &mut State, seq: u64, mut entry: Entry, error: &StoreError) {
         match self.store.quarantine_message(seq) {
-            Ok(_) => {
+            Ok(key) => {
+                let key = key.unwrap_or_else(|| "(gone already)".into());
                 tracing::error!(
                     node = %self.node, seq, %error,
-                    "undecodable message record moved to quarantine as x/m/{seq}; the entry \
+                    "undecodable message record moved to quarantine as x/{key}; the entry \
                      leaves the queue (see queue-dump verify)"
                 );
                 self.metrics.quarantined();

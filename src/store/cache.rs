@@ -57,6 +57,12 @@ impl MessageCache {
         }
     }
 
+    /// Drops every record: for a reader that must see what is on disk (`verify`).
+    pub(super) fn clear(&self) {
+        let mut cached = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *cached = Cached::default();
+    }
+
     /// Drops the records of messages below `lwm` (deleted from the store).
     pub(super) fn forget_below(&self, lwm: u64) {
         let mut cached = self.inner.lock().unwrap_or_else(|p| p.into_inner());

@@ -2,8 +2,8 @@
 //!
 //! A round takes every accept waiting in the channel (up to [`MAX_ROUND`]), checks each
 //! against the dedupe entries, assigns sequence numbers, writes the whole round as one
-//! atomic sled batch (one message record and one dedupe entry per message, one range record
-//! per known node), makes it durable with [`Store::sync`], and only then answers the round's
+//! atomic sled batch (its messages in packs of up to 64 KiB, one dedupe entry per message,
+//! one range record per known node), makes it durable with [`Store::sync`], and only then answers the round's
 //! callers and wakes the delivery workers. Callers that arrive while a round is syncing form
 //! the next round, so the fsync rate, not the caller count, bounds the round rate.
 //!
@@ -468,6 +468,7 @@ impl Committer {
         let start = self.next_seq;
         let mut seq = start;
         let mut batch = sled::Batch::default();
+        let mut packs = record::PackWriter::default();
         let mut in_round: HashMap<String, u32> = HashMap::new();
         let mut ids = Vec::new();
         let mut replies = Vec::with_capacity(accepts.len());
@@ -534,9 +535,9 @@ impl Committer {
                     continue;
                 }
             }
-            let encoded = record::encode(&dedupe)
-                .and_then(|d| Ok((d, record::encode_message(seq, &message)?)));
-            let (dedupe_bytes, records) = match encoded {
+            let encoded =
+                record::encode(&dedupe).and_then(|d| Ok((d, record::encode_message(&message)?)));
+            let (dedupe_bytes, encoded) = match encoded {
                 Ok(e) => e,
                 Err(e) => {
                     let _ = tx.send(Err(CommitError::Store(e.to_string())));
@@ -545,10 +546,10 @@ impl Committer {
             };
             if let Some(quota) = self.limits.disk_quota {
                 let dedupe_key = keys::dedupe(&msg_id);
-                let need = records
-                    .iter()
-                    .map(|(k, v)| (k.len() + v.len()) as u64 + RECORD_OVERHEAD)
-                    .sum::<u64>()
+                // Its bytes in a pack, and (conservatively) a pack record of its own.
+                let need = encoded.len() as u64
+                    + (keys::message(seq).len() + record::HEADER_LEN) as u64
+                    + RECORD_OVERHEAD
                     + (dedupe_key.len() + dedupe_bytes.len()) as u64
                     + RECORD_OVERHEAD
                     // Its msg_id in the round index, its bit in each node's range record.
@@ -567,9 +568,7 @@ impl Committer {
                 }
                 round_bytes += need;
             }
-            for (k, v) in records {
-                batch.insert(k, v);
-            }
+            packs.push(seq, &encoded);
             batch.insert(keys::dedupe(&msg_id), dedupe_bytes);
             seq += 1;
             in_round.insert(msg_id.clone(), node_count);
@@ -583,6 +582,9 @@ impl Committer {
             // not counted yet (the queue depth invariant in crate::metrics).
             self.metrics.round_queued(&nodes, len);
             let applied = (|| -> Result<(), StoreError> {
+                for (k, v) in packs.finish()? {
+                    batch.insert(k, v);
+                }
                 let range = record::encode(&RangeRecord::new(len))?;
                 for node in nodes.iter() {
                     batch.insert(keys::range(node, start), range.clone());

@@ -335,7 +335,7 @@ impl Store {
     fn message_or_problem(&self, seq: u64) -> (Option<MessageRecord>, Option<String>) {
         match self.message(seq) {
             Ok(Some(m)) => (Some(m), None),
-            Ok(None) => (None, Some(format!("message record m/{seq} is missing"))),
+            Ok(None) => (None, Some(format!("message {seq}'s record is missing"))),
             Err(e) => (None, Some(e.to_string())),
         }
     }
@@ -497,19 +497,12 @@ impl Store {
 
     /// Where `msg_id` is: see [`FoundMessage`].
     pub fn find_message(&self, msg_id: &str) -> Result<FoundMessage, StoreError> {
-        let mut records = BTreeMap::new();
-        for item in self.tree().scan_prefix(keys::MESSAGES).keys() {
-            let k = item.map_err(|e| StoreError::sled("scanning messages", e))?;
-            let Some((seq, true)) = keys::parse_message(&k) else {
-                continue;
-            };
-            // An unreadable record is verify's business; here it just cannot match.
-            if let Ok(Some(m)) = self.message(seq) {
-                if m.msg_id == msg_id {
-                    records.insert(seq, m);
-                }
-            }
-        }
+        // An unreadable pack is verify's business; here it just cannot match.
+        let records: BTreeMap<u64, MessageRecord> = self
+            .readable_messages()?
+            .into_iter()
+            .filter(|(_, m)| m.msg_id == msg_id)
+            .collect();
         let filter = Filter {
             msg_id: Some(msg_id.to_string()),
             ..Filter::default()
@@ -828,6 +821,8 @@ impl Store {
         if repair {
             self.ensure_offline_writer("repairing")?;
         }
+        // Decoded messages cached by earlier reads would hide what is on disk now.
+        self.inner.messages.clear();
         let mut report = VerifyReport::default();
         let mut batch = sled::Batch::default();
         let mut max_seq: Option<u64> = None;
@@ -977,7 +972,7 @@ impl Store {
                 let seq = start + u64::from(off);
                 let why = match self.message(seq) {
                     Ok(Some(_)) => continue,
-                    Ok(None) => format!("live entry {node}/{seq} has no message record m/{seq}"),
+                    Ok(None) => format!("live entry {node}/{seq} has no message record"),
                     Err(e) => format!("live entry {node}/{seq} has an unreadable message: {e}"),
                 };
                 let attempts = rec
@@ -1075,34 +1070,37 @@ pub(super) fn quarantine(batch: &mut sled::Batch, key: &[u8], value: &[u8]) {
 }
 
 impl Store {
-    /// Moves message `seq` (its head and every chunk) to quarantine in one batch, for a
-    /// delivery worker that met it undecodable. Returns how many records moved (0: already
-    /// gone). Not synced on its own: a crash before the next sync leaves the record in
-    /// place, to be met (and quarantined) again.
-    pub fn quarantine_message(&self, seq: u64) -> Result<usize, StoreError> {
+    /// Moves the pack holding message `seq` (its head and every chunk) to quarantine in one
+    /// batch, for a delivery worker that met it undecodable; its other messages go with it.
+    /// Returns the pack's key (`None`: already gone). Not synced on its own: a crash before
+    /// the next sync leaves the pack in place, to be met (and quarantined) again.
+    pub fn quarantine_message(&self, seq: u64) -> Result<Option<String>, StoreError> {
         self.ensure_writable("quarantining a message")?;
+        let Some((last, _, _)) = self.pack_head_from(b"", seq)? else {
+            return Ok(None);
+        };
+        let head = keys::message(last);
         let mut batch = sled::Batch::default();
-        let mut moved = 0;
-        for item in self.tree().scan_prefix(keys::message(seq)) {
+        for item in self.tree().scan_prefix(&head) {
             let (k, v) =
                 item.map_err(|e| StoreError::sled("reading a message to quarantine", e))?;
             quarantine(&mut batch, &k, &v);
-            moved += 1;
         }
-        if moved > 0 {
-            self.apply(batch, "quarantining a message")?;
-        }
-        Ok(moved)
+        self.apply(batch, "quarantining a message")?;
+        Ok(Some(keys::display(&head)))
     }
 
-    /// Whether message `seq`'s head is in quarantine (moved there by a worker or by
-    /// `verify --repair`).
+    /// Whether message `seq` is in quarantine (its pack moved there by a worker or by
+    /// `verify --repair`). Packs never overlap and sequences are assigned without gaps, so
+    /// the pack that held `seq` is the first head at or after it, live or quarantined: `seq`
+    /// is quarantined when a quarantined head comes before any live one.
     pub fn message_quarantined(&self, seq: u64) -> Result<bool, StoreError> {
-        let mut key = QUARANTINE.to_vec();
-        key.extend_from_slice(&keys::message(seq));
-        self.tree()
-            .contains_key(key)
-            .map_err(|e| StoreError::sled("looking up the quarantine", e))
+        let Some((quarantined, _, _)) = self.pack_head_from(QUARANTINE, seq)? else {
+            return Ok(false);
+        };
+        Ok(self
+            .pack_head_from(b"", seq)?
+            .is_none_or(|(live, _, _)| live > quarantined))
     }
 }
 

@@ -10,9 +10,11 @@ use super::{keys, record, StoreError};
 
 #[path = "../../migrations/0001_initial.rs"]
 mod m0001_initial;
+#[path = "../../migrations/0002_message_packs.rs"]
+mod m0002_message_packs;
 
 /// The format this build writes.
-pub const CURRENT_FORMAT: u32 = 1;
+pub const CURRENT_FORMAT: u32 = 2;
 
 /// One step: from `to - 1` to `to`.
 struct Migration {
@@ -22,11 +24,18 @@ struct Migration {
 }
 
 /// In order; `MIGRATIONS[i].to == i + 1`.
-const MIGRATIONS: &[Migration] = &[Migration {
-    to: 1,
-    name: "initial",
-    apply: m0001_initial::apply,
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        to: 1,
+        name: "initial",
+        apply: m0001_initial::apply,
+    },
+    Migration {
+        to: 2,
+        name: "message packs",
+        apply: m0002_message_packs::apply,
+    },
+];
 
 /// The format version on disk; 0 for a new, empty store.
 pub fn format_version(tree: &sled::Tree) -> Result<u32, StoreError> {

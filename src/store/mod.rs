@@ -36,8 +36,8 @@
 //! meta/format              u32            store format version
 //! meta/manager_id          String         the manager this data dir belongs to
 //! meta/next_seq            u64            next sequence number (written in every round)
-//! m/<seq>                  MessageHead    a message record's first chunk
-//! m/<seq><index>           Vec<u8>        its further chunks (records over 64 KiB)
+//! m/<last>                 MessageHead    a pack of messages first..=last: its first chunk
+//! m/<last><index>          Vec<u8>        its further chunks (packs over 64 KiB)
 //! q/<node>\0<start>        RangeRecord    a node's share of one commit round
 //! l/<node>\0<seq>          DeadLetterRecord
 //! n/<node>                 NodeRecord     known nodes
@@ -48,7 +48,8 @@
 //! x/<original key>         raw bytes      quarantined by `queue-dump verify --repair`
 //! ```
 //!
-//! Fan-out costs one range record per node per commit round, not per message.
+//! Fan-out costs one range record per node per commit round, not per message; payloads
+//! cost one pack record per 64 KiB of messages ([`record::MessageHead`]), not one each.
 
 mod cache;
 pub mod commit;
@@ -200,8 +201,11 @@ const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
 /// order, once, so a large cache buys little, and the OS page cache still holds the log.
 const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
-/// Messages a [`Store::shared_message`] miss reads ahead, at most.
+/// Messages a [`Store::shared_message`] miss reads ahead, about (whole packs are read).
 const READ_AHEAD: u64 = 64;
+/// A pack's head as found in the tree: `(last sequence, key, value)`.
+type PackHead = (u64, sled::IVec, sled::IVec);
+
 /// Bytes of records a read-ahead stops after.
 const READ_AHEAD_BYTES: usize = 1 << 20;
 
@@ -751,78 +755,135 @@ impl Store {
         Ok(rebuilt)
     }
 
-    /// The message with sequence `seq`; `Ok(None)` if it does not exist.
+    /// The message with sequence `seq`; `Ok(None)` if it does not exist. Read through the
+    /// shared cache ([`Store::shared_message`]), so that reading a pack's messages one by one
+    /// decodes the pack once.
     pub fn message(&self, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
-        let key = keys::message(seq);
-        let Some(head) = self.get::<record::MessageHead>(&key)? else {
-            return Ok(None);
-        };
-        self.message_from_head(seq, head).map(Some)
+        Ok(self.shared_message(seq)?.map(|m| MessageRecord::clone(&m)))
     }
 
-    /// Message `seq` from its decoded head, reading its further chunks.
-    fn message_from_head(
+    /// The pack whose head record `head` is at `key` = `m/<last>` (see
+    /// [`record::MessageHead`]), reading its further chunks: its first sequence and its
+    /// messages.
+    fn pack(
         &self,
-        seq: u64,
-        head: record::MessageHead,
-    ) -> Result<MessageRecord, StoreError> {
-        let key = keys::message(seq);
+        key: &[u8],
+        last: u64,
+        head: &[u8],
+    ) -> Result<(u64, Vec<MessageRecord>), StoreError> {
+        let head = record::decode::<record::MessageHead>(key, head)?;
         let chunks = head.chunks;
         let rest = (1..chunks).map(|i| {
-            let k = keys::message_chunk(seq, i);
+            let k = keys::message_chunk(last, i);
             self.get::<Vec<u8>>(&k)?.ok_or_else(|| StoreError::Corrupt {
-                key: keys::display(&key),
+                key: keys::display(key),
                 reason: format!("chunk {i} of {chunks} is missing"),
             })
         });
-        record::decode_message(&key, head, rest)
+        let messages = record::decode_pack(key, last, head, rest)?;
+        // decode_pack checked that the pack fits below `last`.
+        Ok((last + 1 - messages.len() as u64, messages))
+    }
+
+    /// The first message pack head at or after `m/<seq>`, as `(last, key, value)`: the pack
+    /// that holds `seq` if any does (packs never overlap and are keyed by their last
+    /// sequence). Continuation chunks met first (their head is missing) are skipped.
+    fn pack_head_from(&self, prefix: &[u8], seq: u64) -> Result<Option<PackHead>, StoreError> {
+        let mut from = prefix.to_vec();
+        from.extend_from_slice(&keys::message(seq));
+        for item in self.tree().range(from..) {
+            let (k, v) = item.map_err(|e| StoreError::sled("reading messages", e))?;
+            let Some(key) = k.strip_prefix(prefix) else {
+                break;
+            };
+            match keys::parse_message(key) {
+                Some((last, true)) => return Ok(Some((last, k, v))),
+                Some((_, false)) => continue,
+                None => break,
+            }
+        }
+        Ok(None)
     }
 
     /// [`Store::message`] through the cache the delivery workers share (see
     /// `store/cache.rs`): one read and decode per message, whatever the number of nodes. A
-    /// miss reads ahead: the messages after `seq` (up to [`READ_AHEAD`] of them and about
-    /// [`READ_AHEAD_BYTES`]) come in the same range scan, which costs far less than a
-    /// lookup each, and workers read their queues in sequence order.
+    /// miss decodes the whole pack holding `seq` and reads ahead: the packs after it (up to
+    /// about [`READ_AHEAD`] messages and [`READ_AHEAD_BYTES`]) come in the same range scan,
+    /// which costs far less than a lookup each, and workers read their queues in sequence
+    /// order.
     pub fn shared_message(&self, seq: u64) -> Result<Option<Arc<MessageRecord>>, StoreError> {
         if let Some(m) = self.inner.messages.get(seq) {
             return Ok(Some(m));
         }
-        let end = keys::message(seq.saturating_add(READ_AHEAD));
         let mut found = None;
-        let mut bytes = 0;
-        for item in self.tree().range(keys::message(seq)..end) {
+        let (mut ahead, mut bytes) = (0u64, 0usize);
+        for item in self.tree().range(keys::message(seq)..) {
             let (k, v) = item.map_err(|e| StoreError::sled("reading messages", e))?;
-            // Continuation chunks are read with their head, below.
-            let Some((at, true)) = keys::parse_message(&k) else {
-                continue;
+            // Continuation chunks are read with their head; a chunk met before any head has
+            // lost its head, and the pack holding `seq` (if any) comes later.
+            let (last, is_head) = match keys::parse_message(&k) {
+                Some(parsed) => parsed,
+                None => break,
             };
-            let read = record::decode::<record::MessageHead>(&k, &v)
-                .and_then(|head| self.message_from_head(at, head));
-            let m = match read {
-                Ok(m) => Arc::new(m),
-                Err(e) if at == seq => return Err(e),
-                // A bad record further on is reported when its own turn comes.
+            if !is_head {
+                continue;
+            }
+            let (first, messages) = match self.pack(&k, last, &v) {
+                Ok(p) => p,
+                // The first head at or after `seq` is the pack that holds it: its error is
+                // `seq`'s. (A sequence held by no pack, deleted or never written, is not
+                // asked for by any reader but a dead one.)
+                Err(e) if ahead == 0 && found.is_none() => return Err(e),
+                // A bad pack further on is reported when its own turn comes.
                 Err(_) => break,
             };
-            bytes += m.size();
-            self.inner.messages.insert(at, m.clone());
-            if at == seq {
-                found = Some(m);
+            if first > seq && found.is_none() {
+                // No pack holds `seq`.
+                return Ok(None);
             }
-            if bytes >= READ_AHEAD_BYTES {
+            for (at, m) in (first..).zip(messages) {
+                let m = Arc::new(m);
+                bytes += m.size();
+                if at == seq {
+                    found = Some(m.clone());
+                }
+                if at > seq {
+                    ahead += 1;
+                }
+                self.inner.messages.insert(at, m);
+            }
+            if ahead >= READ_AHEAD || bytes >= READ_AHEAD_BYTES {
                 break;
             }
         }
         Ok(found)
     }
 
-    /// Adds the writes of message `seq` to `batch`.
+    /// Every readable message with its sequence, in sequence order; a pack that cannot be
+    /// read is skipped (reporting it is `queue-dump verify`'s business).
+    pub(crate) fn readable_messages(&self) -> Result<Vec<(u64, MessageRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree().scan_prefix(keys::MESSAGES) {
+            let (k, v) = item.map_err(|e| StoreError::sled("scanning messages", e))?;
+            let Some((last, true)) = keys::parse_message(&k) else {
+                continue;
+            };
+            if let Ok((first, messages)) = self.pack(&k, last, &v) {
+                out.extend((first..).zip(messages));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds the writes of message `seq`, a pack of its own, to `batch`.
     fn put_message(
         batch: &mut sled::Batch,
         seq: u64,
         msg: &MessageRecord,
     ) -> Result<(), StoreError> {
-        for (k, v) in record::encode_message(seq, msg)? {
+        let mut packs = record::PackWriter::default();
+        packs.push(seq, &record::encode_message(msg)?);
+        for (k, v) in packs.finish()? {
             batch.insert(k, v);
         }
         Ok(())
@@ -913,14 +974,9 @@ impl Store {
         Ok(n)
     }
 
-    /// Number of message records stored (for tests and tools; walks the keyspace).
+    /// Number of readable messages stored (for tests and tools; decodes every pack).
     pub fn message_count(&self) -> usize {
-        let head_len = keys::message(0).len();
-        self.tree()
-            .scan_prefix(keys::MESSAGES)
-            .keys()
-            .filter(|k| k.as_ref().is_ok_and(|k| k.len() == head_len))
-            .count()
+        self.readable_messages().map_or(0, |m| m.len())
     }
 
     // ----- membership lifecycle (src/discovery) -----

@@ -18,7 +18,8 @@ use super::StoreError;
 
 /// The version byte written in front of every record.
 pub const RECORD_VERSION: u8 = 1;
-const HEADER_LEN: usize = 5;
+/// Bytes of the frame in front of every record's body.
+pub const HEADER_LEN: usize = 5;
 /// Largest body a record may decode to; guards against a garbled length prefix asking bincode
 /// for gigabytes.
 const DECODE_LIMIT: usize = 256 * 1024 * 1024;
@@ -180,74 +181,144 @@ impl RangeRecord {
     }
 }
 
-/// How a [`MessageRecord`] is stored: its bincode encoding cut into chunks of at most
-/// [`MESSAGE_CHUNK`] bytes, the first at `m/<seq>` in a `MessageHead`, the others at
-/// `m/<seq><index>` as framed `Vec<u8>`. Why: sled 0.34.7 writes any page over a quarter of
-/// its segment size to a separate blob file that it never fsyncs; with chunks this small
-/// and the store's 8 MiB segments, no leaf page (at most 17 items) gets near that.
+/// How messages are stored: packs. A pack holds the messages of consecutive sequences
+/// `first..=last`, as their bincode encodings back to back; those bytes are cut into chunks
+/// of at most [`MESSAGE_CHUNK`] bytes, the first at `m/<last>` in a `MessageHead`, the others
+/// at `m/<last><index>` as framed `Vec<u8>`. The number of messages, and so `first`, comes
+/// from decoding the pack.
+///
+/// Why packs: a commit round writes a pack per [`PACK_BYTES`] of messages instead of a record
+/// per message, and reclamation deletes one; each sled insert or delete costs a leaf-page
+/// copy whatever its size, which made the per-message records the accept path's and the
+/// drain's main cost. Why the key is the *last* sequence: every key below `m/<lwm>` then
+/// belongs to a pack wholly below the low-water mark, so reclamation deletes a key range
+/// without decoding anything (invariant 3), and a lookup of `seq` is the first head at or
+/// after `m/<seq>`. A format-1 message record is a pack of one.
+///
+/// Why chunks: sled 0.34.7 writes any page over a quarter of its segment size to a separate
+/// blob file that it never fsyncs; with chunks this small and the store's 8 MiB segments, no
+/// leaf page (at most 17 items) gets near that.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct MessageHead {
     /// Number of chunks, this one included.
     pub chunks: u32,
-    /// Total length of the encoded record.
+    /// Total length of the pack's bytes.
     pub len: u64,
     /// The first chunk.
     pub body: Vec<u8>,
 }
 
-/// Largest chunk of an encoded message record.
+/// Largest chunk of a pack.
 pub const MESSAGE_CHUNK: usize = 64 * 1024;
+
+/// A pack is closed before a message would take it past this many bytes (a message larger
+/// than this is a pack of its own). One chunk: a pack of small messages is one record.
+pub const PACK_BYTES: usize = MESSAGE_CHUNK;
 
 /// One `(key, value)` write.
 pub(crate) type KeyValue = (Vec<u8>, Vec<u8>);
 
-/// Encodes a message as writes: its head, then its continuation chunks.
-pub(crate) fn encode_message(seq: u64, msg: &MessageRecord) -> Result<Vec<KeyValue>, StoreError> {
-    let bytes = bincode::encode_to_vec(msg, config()).map_err(|e| StoreError::Encode {
+/// A message's encoding inside a pack.
+pub(crate) fn encode_message(msg: &MessageRecord) -> Result<Vec<u8>, StoreError> {
+    bincode::encode_to_vec(msg, config()).map_err(|e| StoreError::Encode {
         reason: e.to_string(),
-    })?;
-    let mut chunks = bytes.chunks(MESSAGE_CHUNK);
-    let first = chunks.next().unwrap_or_default();
-    let head = MessageHead {
-        chunks: bytes.len().div_ceil(MESSAGE_CHUNK).max(1) as u32,
-        len: bytes.len() as u64,
-        body: first.to_vec(),
-    };
-    let mut out = vec![(super::keys::message(seq), encode(&head)?)];
-    for (i, chunk) in chunks.enumerate() {
-        out.push((
-            super::keys::message_chunk(seq, i as u32 + 1),
-            encode(&chunk.to_vec())?,
-        ));
-    }
-    Ok(out)
+    })
 }
 
-/// Reassembles a message from its head and continuation chunks (in key order).
-pub fn decode_message(
+/// Groups encoded messages of consecutive sequences into packs (see [`MessageHead`]) and
+/// turns them into writes. Pushing cannot fail; encoding the packs happens in
+/// [`PackWriter::finish`], so a failure there fails the whole batch, never part of it.
+#[derive(Default)]
+pub(crate) struct PackWriter {
+    /// Closed packs: last sequence and the encodings of their messages, back to back.
+    closed: Vec<(u64, Vec<u8>)>,
+    /// The open pack, same shape.
+    open: Option<(u64, Vec<u8>)>,
+}
+
+impl PackWriter {
+    /// Adds message `seq` (encoded by [`encode_message`]). A sequence that does not follow
+    /// the previous one starts a new pack, so a pack always holds consecutive sequences.
+    pub(crate) fn push(&mut self, seq: u64, encoded: &[u8]) {
+        match &mut self.open {
+            Some((last, bytes))
+                if last.checked_add(1) == Some(seq)
+                    && bytes.len() + encoded.len() <= PACK_BYTES =>
+            {
+                bytes.extend_from_slice(encoded);
+                *last = seq;
+            }
+            open => {
+                self.closed.extend(open.take());
+                *open = Some((seq, encoded.to_vec()));
+            }
+        }
+    }
+
+    /// The writes of every pack, heads before their chunks.
+    pub(crate) fn finish(mut self) -> Result<Vec<KeyValue>, StoreError> {
+        self.closed.extend(self.open.take());
+        let mut out = Vec::with_capacity(self.closed.len());
+        for (last, bytes) in self.closed {
+            let mut chunks = bytes.chunks(MESSAGE_CHUNK);
+            let head = MessageHead {
+                chunks: bytes.len().div_ceil(MESSAGE_CHUNK).max(1) as u32,
+                len: bytes.len() as u64,
+                body: chunks.next().unwrap_or_default().to_vec(),
+            };
+            out.push((super::keys::message(last), encode(&head)?));
+            for (i, chunk) in chunks.enumerate() {
+                out.push((
+                    super::keys::message_chunk(last, i as u32 + 1),
+                    encode(&chunk.to_vec())?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reassembles the pack whose head is at `key` (`m/<last>`) from its head and continuation
+/// chunks (in key order): its messages, in sequence order, the last one being `last`.
+pub fn decode_pack(
     key: &[u8],
+    last: u64,
     head: MessageHead,
     rest: impl IntoIterator<Item = Result<Vec<u8>, StoreError>>,
-) -> Result<MessageRecord, StoreError> {
+) -> Result<Vec<MessageRecord>, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: super::keys::display(key),
+        reason,
+    };
     let mut bytes = head.body;
     for chunk in rest {
         bytes.extend_from_slice(&chunk?);
     }
     if bytes.len() as u64 != head.len {
-        return Err(StoreError::Corrupt {
-            key: super::keys::display(key),
-            reason: format!(
-                "message is {} bytes in its chunks, its head says {}",
-                bytes.len(),
-                head.len
-            ),
-        });
+        return Err(corrupt(format!(
+            "message pack is {} bytes in its chunks, its head says {}",
+            bytes.len(),
+            head.len
+        )));
     }
-    let (msg, _) = decode_body(&bytes).map_err(|e| StoreError::Corrupt {
-        key: super::keys::display(key),
-        reason: format!("undecodable message: {e}"),
-    })?;
-    Ok(msg)
+    let mut messages = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let (msg, used) = decode_body::<MessageRecord>(&bytes[at..])
+            .map_err(|e| corrupt(format!("undecodable message at byte {at}: {e}")))?;
+        messages.push(msg);
+        at += used;
+    }
+    if messages.is_empty() {
+        return Err(corrupt("an empty message pack".into()));
+    }
+    if messages.len() as u64 - 1 > last {
+        return Err(corrupt(format!(
+            "a pack of {} messages cannot end at sequence {last}",
+            messages.len()
+        )));
+    }
+    Ok(messages)
 }
 
 /// A message a node will never get, kept whole for inspection and replay
@@ -356,6 +427,102 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.to_lowercase().contains("limit"), "{err}");
+    }
+
+    fn msg(id: &str, payload: usize) -> MessageRecord {
+        MessageRecord {
+            msg_id: id.into(),
+            topic: "t".into(),
+            headers: vec![("h".into(), "v".into())],
+            payload: vec![7; payload],
+            accepted_at_ms: 1,
+            ttl_ms: 0,
+        }
+    }
+
+    /// Decodes every pack written by `writes` as the store reads them: heads with their
+    /// chunks, in key order. Returns `(first, last, messages)` per pack.
+    fn read_packs(writes: Vec<KeyValue>) -> Vec<(u64, u64, Vec<MessageRecord>)> {
+        let mut out = Vec::new();
+        let mut writes = writes.into_iter().peekable();
+        while let Some((key, value)) = writes.next() {
+            let (last, true) = crate::store::keys::parse_message(&key).unwrap() else {
+                panic!("a chunk before its head");
+            };
+            let mut rest = Vec::new();
+            while let Some((k, _)) = writes.peek() {
+                if crate::store::keys::parse_message(k) != Some((last, false)) {
+                    break;
+                }
+                let (k, v) = writes.next().unwrap();
+                rest.push(decode::<Vec<u8>>(&k, &v));
+            }
+            let head = decode::<MessageHead>(&key, &value).unwrap();
+            let messages = decode_pack(&key, last, head, rest).unwrap();
+            out.push((last + 1 - messages.len() as u64, last, messages));
+        }
+        out
+    }
+
+    #[test]
+    fn packs_hold_consecutive_sequences_up_to_pack_bytes() {
+        let small: Vec<MessageRecord> = (0..100).map(|i| msg(&format!("s{i}"), 1000)).collect();
+        let big = msg("big", 3 * MESSAGE_CHUNK + 5);
+        let mut w = PackWriter::default();
+        for (i, m) in small.iter().enumerate() {
+            w.push(10 + i as u64, &encode_message(m).unwrap());
+        }
+        w.push(110, &encode_message(&big).unwrap());
+        // Not consecutive: a new pack even though the open one has room.
+        w.push(200, &encode_message(&small[0]).unwrap());
+        w.push(201, &encode_message(&small[1]).unwrap());
+        let writes = w.finish().unwrap();
+        let chunks = writes
+            .iter()
+            .filter(|(k, _)| crate::store::keys::parse_message(k).is_some_and(|(_, h)| !h))
+            .count();
+        assert_eq!(chunks, 3, "only the big message is chunked");
+        let packs = read_packs(writes);
+        let bounds: Vec<(u64, u64)> = packs.iter().map(|(f, l, _)| (*f, *l)).collect();
+        // Each small message encodes to 1,015 or 1,016 bytes: 64 fit in 64 KiB.
+        assert!((1015..=1016).contains(&encode_message(&small[50]).unwrap().len()));
+        assert_eq!(bounds, [(10, 73), (74, 109), (110, 110), (200, 201)]);
+        let read: Vec<MessageRecord> = packs.into_iter().flat_map(|(_, _, m)| m).collect();
+        let mut want = small.clone();
+        want.push(big);
+        want.extend_from_slice(&small[..2]);
+        assert_eq!(read, want);
+    }
+
+    #[test]
+    fn a_pack_that_does_not_add_up_is_corrupt_never_a_panic() {
+        let mut w = PackWriter::default();
+        w.push(1, &encode_message(&msg("a", 10)).unwrap());
+        w.push(2, &encode_message(&msg("b", 10)).unwrap());
+        let (key, value) = w.finish().unwrap().remove(0);
+        let head = decode::<MessageHead>(&key, &value).unwrap();
+        // Two messages cannot end at sequence 0.
+        let err = decode_pack(&key, 0, head.clone(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot end at sequence 0"), "{err}");
+        let empty = MessageHead {
+            chunks: 1,
+            len: 0,
+            body: Vec::new(),
+        };
+        let err = decode_pack(&key, 5, empty, []).unwrap_err().to_string();
+        assert!(err.contains("empty message pack"), "{err}");
+        // A cut inside the second message.
+        let mut cut = head.clone();
+        cut.body.truncate(cut.body.len() - 3);
+        cut.len = cut.body.len() as u64;
+        let err = decode_pack(&key, 5, cut, []).unwrap_err().to_string();
+        assert!(err.contains("undecodable message at byte"), "{err}");
+        let mut short = head;
+        short.len += 1;
+        let err = decode_pack(&key, 5, short, []).unwrap_err().to_string();
+        assert!(err.contains("its head says"), "{err}");
     }
 
     #[test]

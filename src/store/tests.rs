@@ -267,6 +267,72 @@ fn new_store_is_migrated_to_the_current_format() {
     assert_eq!(store.next_seq().unwrap(), 1);
 }
 
+/// A format-1 store (one record per message, written here byte for byte as format 1 wrote
+/// them: a `MessageHead` over the message's own encoding, chunked at 64 KiB) opens as
+/// format 2, its messages readable as packs of one, and new rounds write packs next to them.
+#[tokio::test]
+async fn a_format_1_store_is_migrated_and_its_messages_read_as_packs_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let old: Vec<MessageRecord> = [10, 150 * 1024, 20]
+        .iter()
+        .enumerate()
+        .map(|(i, size)| MessageRecord {
+            msg_id: format!("old{i}"),
+            topic: "t".into(),
+            headers: vec![],
+            payload: vec![i as u8; *size],
+            accepted_at_ms: 1,
+            ttl_ms: 0,
+        })
+        .collect();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.upsert_node("a", "127.0.0.1:1", false).unwrap();
+        let mut batch = sled::Batch::default();
+        for (seq, m) in (1u64..).zip(&old) {
+            let bytes = bincode::encode_to_vec(m, bincode::config::standard()).unwrap();
+            let mut chunks = bytes.chunks(record::MESSAGE_CHUNK);
+            let head = record::MessageHead {
+                chunks: bytes.len().div_ceil(record::MESSAGE_CHUNK) as u32,
+                len: bytes.len() as u64,
+                body: chunks.next().unwrap().to_vec(),
+            };
+            batch.insert(keys::message(seq), record::encode(&head).unwrap());
+            for (i, c) in chunks.enumerate() {
+                let key = keys::message_chunk(seq, i as u32 + 1);
+                batch.insert(key, record::encode(&c.to_vec()).unwrap());
+            }
+        }
+        batch.insert(
+            keys::range("a", 1),
+            record::encode(&RangeRecord::new(3)).unwrap(),
+        );
+        batch.insert(keys::META_NEXT_SEQ, record::encode(&4u64).unwrap());
+        store.tree().apply_batch(batch).unwrap();
+        migrate::force_format(store.tree(), 1).unwrap();
+    }
+    let store = Store::reopen(dir.path(), Duration::from_secs(10)).unwrap();
+    assert_eq!(migrate::format_version(store.tree()).unwrap(), 2);
+    for (seq, m) in (1u64..).zip(&old) {
+        assert_eq!(&store.message(seq).unwrap().unwrap(), m, "m/{seq}");
+    }
+    assert!(store.verify(false).unwrap().problems.is_empty());
+    let (tx, _rx) = watch::channel(0);
+    let (commit, thread) = Committer::spawn(store.clone(), opts(), tx).unwrap();
+    THREADS.with(|t| t.borrow_mut().push(thread));
+    let batch = (0..3)
+        .map(|i| accept(&format!("new{i}"), vec![i]))
+        .collect();
+    for result in commit.accept_batch(batch).await {
+        result.unwrap();
+    }
+    commit.stop().await.unwrap();
+    assert_eq!(store.message_count(), 6);
+    assert_eq!(store.message(4).unwrap().unwrap().msg_id, "new0");
+    assert_eq!(store.message(6).unwrap().unwrap().msg_id, "new2");
+    assert_eq!(store.message(2).unwrap().unwrap(), old[1]);
+}
+
 #[test]
 fn a_second_open_is_refused_as_locked() {
     let dir = tempfile::tempdir().unwrap();
@@ -353,37 +419,56 @@ async fn dedupe_expiry_goes_a_round_at_a_time_and_stops_at_its_limit() {
 }
 
 #[tokio::test]
-async fn shared_reads_read_ahead_and_a_bad_record_ahead_fails_only_its_own_read() {
+async fn shared_reads_read_ahead_and_a_bad_pack_ahead_fails_only_its_own_reads() {
     let dir = tempfile::tempdir().unwrap();
     let (store, commit, _rx) = setup(dir.path(), &["a"]);
     let big = vec![9u8; 200 * 1024];
+    let payload = |i: u8| if i == 3 { big.clone() } else { vec![i] };
+    // One round, three packs: 0..=2, 3 alone (over 64 KiB: chunked), 4..=9.
     let batch = (0..10u8)
-        .map(|i| accept(&format!("m{i}"), if i == 3 { big.clone() } else { vec![i] }))
+        .map(|i| accept(&format!("m{i}"), payload(i)))
+        .collect();
+    for result in commit.accept_batch(batch).await {
+        result.unwrap();
+    }
+    // A later round: pack 10..=11.
+    let batch = (10..12u8)
+        .map(|i| accept(&format!("m{i}"), payload(i)))
         .collect();
     for result in commit.accept_batch(batch).await {
         result.unwrap();
     }
     commit.stop().await.unwrap();
     let first = store.dedupe("m0").unwrap().unwrap().seq;
+    let heads: Vec<u64> = store
+        .tree()
+        .scan_prefix(keys::MESSAGES)
+        .keys()
+        .filter_map(|k| keys::parse_message(&k.unwrap()).filter(|(_, head)| *head))
+        .map(|(last, _)| last - first)
+        .collect();
+    assert_eq!(heads, [2, 3, 9, 11], "packs end at these offsets");
     store
         .tree()
-        .insert(keys::message(first + 7), &b"\x01garbage"[..])
+        .insert(keys::message(first + 9), &b"\x01garbage"[..])
         .unwrap();
 
     let m = store.shared_message(first).unwrap().unwrap();
     assert_eq!(m.payload, [0]);
-    // Read ahead up to the bad record, chunked records included.
-    for i in 1..7u8 {
+    // Read ahead up to the bad pack, the chunked one included.
+    for i in 1..4u8 {
         let cached = store.inner.messages.get(first + u64::from(i)).unwrap();
-        let want = if i == 3 { big.clone() } else { vec![i] };
-        assert_eq!(cached.payload, want, "m{i}");
+        assert_eq!(cached.payload, payload(i), "m{i}");
     }
-    assert!(store.inner.messages.get(first + 7).is_none());
-    let err = store.shared_message(first + 7).unwrap_err().to_string();
-    assert!(err.contains(&format!("m/{}", first + 7)), "{err}");
+    assert!(store.inner.messages.get(first + 4).is_none());
+    for i in 4..10 {
+        let err = store.shared_message(first + i).unwrap_err().to_string();
+        assert!(err.contains(&format!("m/{}", first + 9)), "{err}");
+    }
     assert_eq!(
-        store.shared_message(first + 8).unwrap().unwrap().payload,
-        [8]
+        store.shared_message(first + 10).unwrap().unwrap().payload,
+        [10]
     );
-    assert!(store.shared_message(first + 10).unwrap().is_none());
+    assert_eq!(store.message(first + 11).unwrap().unwrap().payload, [11]);
+    assert!(store.shared_message(first + 12).unwrap().is_none());
 }

@@ -3,9 +3,11 @@
 //! to another.
 //!
 //! - **sled commit floor**: a fresh sled 0.34 database next to the manager's data dir (same
-//!   filesystem, same disk) and one committer thread doing what the product's group commit
-//!   must do at least: insert every waiting caller's record, `flush()`, `fdatasync` the log,
-//!   answer them. Nothing else (no dedupe, no index, no gRPC).
+//!   filesystem, same disk) and one committer thread doing what a group commit must do at
+//!   least: insert every waiting caller's record, `flush()`, `fdatasync` the log, answer
+//!   them. Nothing else (no dedupe, no index, no gRPC). Measured twice: one sled record per
+//!   message (what any design with a record per message pays), and packed as the store packs
+//!   them (a round's records concatenated into values of up to 64 KiB, one insert each).
 //! - **unary echo floor**: an in-process gRPC server whose `Broadcast` answers OK at once,
 //!   driven by the same callers, connections and payload as the product run.
 //!
@@ -36,6 +38,16 @@ const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
 /// One caller's record, and where to say it is durable.
 type Submission = (u64, Vec<u8>, oneshot::Sender<()>);
 
+/// How the sled floor writes a round's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One sled record per message.
+    PerMessage,
+    /// Consecutive records concatenated into values of up to this many bytes, as the store's
+    /// packs are.
+    Packed(usize),
+}
+
 /// What the sled floor measured.
 #[derive(Debug, Clone, Copy)]
 pub struct SledFloor {
@@ -47,19 +59,21 @@ pub struct SledFloor {
 }
 
 /// Measures the sled group-commit floor: `records` records of `size` bytes from `callers`
-/// concurrent callers, in a fresh database under `dir` (removed afterwards).
+/// concurrent callers, written as `layout` says, in a fresh database under `dir` (removed
+/// afterwards).
 pub async fn sled_commit(
     dir: &Path,
     records: usize,
     size: usize,
     callers: usize,
+    layout: Layout,
 ) -> Result<SledFloor> {
     let db_dir = dir.join("floor-sled");
     let _ = std::fs::remove_dir_all(&db_dir);
     // Nothing else in this process writes to disk while the floor runs, so the process's
     // own write counter is the floor's.
     let before = procstats::sample(std::process::id());
-    let result = sled_commit_in(&db_dir, records, size, callers).await;
+    let result = sled_commit_in(&db_dir, records, size, callers, layout).await;
     let after = procstats::sample(std::process::id());
     let _ = std::fs::remove_dir_all(&db_dir);
     Ok(SledFloor {
@@ -69,7 +83,13 @@ pub async fn sled_commit(
     })
 }
 
-async fn sled_commit_in(db_dir: &Path, records: usize, size: usize, callers: usize) -> Result<f64> {
+async fn sled_commit_in(
+    db_dir: &Path,
+    records: usize,
+    size: usize,
+    callers: usize,
+    layout: Layout,
+) -> Result<f64> {
     let db = sled::Config::new()
         .path(db_dir)
         .segment_size(SEGMENT_SIZE)
@@ -90,9 +110,24 @@ async fn sled_commit_in(db_dir: &Path, records: usize, size: usize, callers: usi
             while let Ok(more) = rx.try_recv() {
                 round.push(more);
             }
-            for (key, value, _) in &round {
-                db.insert(key.to_be_bytes(), value.as_slice())
-                    .context("sled insert (floor)")?;
+            match layout {
+                Layout::PerMessage => {
+                    for (key, value, _) in &round {
+                        db.insert(key.to_be_bytes(), value.as_slice())
+                            .context("sled insert (floor)")?;
+                    }
+                }
+                Layout::Packed(limit) => {
+                    let mut pack: Vec<u8> = Vec::with_capacity(limit);
+                    for (i, (key, value, _)) in round.iter().enumerate() {
+                        pack.extend_from_slice(value);
+                        let next = round.get(i + 1).map_or(0, |(_, v, _)| v.len());
+                        if next == 0 || pack.len() + next > limit {
+                            db.insert(key.to_be_bytes(), std::mem::take(&mut pack))
+                                .context("sled insert (floor)")?;
+                        }
+                    }
+                }
             }
             db.flush().context("sled flush (floor)")?;
             log.sync_data().context("fdatasync of sled's log (floor)")?;

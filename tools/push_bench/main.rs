@@ -698,12 +698,15 @@ async fn run(s: &Settings, work: &Path) -> Result<Report> {
         }
         _ => None,
     };
-    let floors = floors.map(|(sled, echo, n)| Floors {
+    let floors = floors.map(|(sled, packed, echo, n)| Floors {
         messages: n,
         sled_commit_per_s: sled.per_s,
         sled_disk_bytes_per_record: sled.disk_bytes_per_record,
+        sled_packed_per_s: packed.per_s,
+        sled_packed_disk_bytes_per_record: packed.disk_bytes_per_record,
         echo_per_s: echo,
         acked_vs_sled: acked_per_s / sled.per_s,
+        acked_vs_sled_packed: acked_per_s / packed.per_s,
         acked_vs_echo: acked_per_s / echo,
         deliveries_vs_echo: deliveries_per_s.map(|d| d / echo),
     });
@@ -752,8 +755,11 @@ fn stall_limit(s: &Settings) -> Duration {
 /// Echo-floor callers for a batched run: the ack profile's.
 const ECHO_CALLERS_BATCHED: usize = 256;
 
-/// Runs both floors; returns (sled floor, echo calls/s, records each).
-async fn measure_floors(s: &Settings, work: &Path) -> Result<(floors::SledFloor, f64, usize)> {
+/// What the floors measured: sled per message, sled packed, echo calls/s, records each.
+type Measured = (floors::SledFloor, floors::SledFloor, f64, usize);
+
+/// Runs every floor.
+async fn measure_floors(s: &Settings, work: &Path) -> Result<Measured> {
     if s.progress {
         let _ = write!(std::io::stderr(), "\r\x1b[K  measuring floors...");
     }
@@ -762,9 +768,16 @@ async fn measure_floors(s: &Settings, work: &Path) -> Result<(floors::SledFloor,
     // unary run, and for a batched one as many as the ack profile has, so it is the figure
     // the unary targets compare with.
     let records_in_flight = s.concurrency * s.batch;
-    let sled = floors::sled_commit(work, s.floor_messages, s.size, records_in_flight)
+    let sled =
+        |layout| floors::sled_commit(work, s.floor_messages, s.size, records_in_flight, layout);
+    let per_message = sled(floors::Layout::PerMessage)
         .await
         .context("measuring the sled commit floor")?;
+    let packed = sled(floors::Layout::Packed(
+        push_manager::store::record::PACK_BYTES,
+    ))
+    .await
+    .context("measuring the packed sled commit floor")?;
     let echo_callers = records_in_flight.min(ECHO_CALLERS_BATCHED);
     let echo = floors::echo(s.floor_messages, s.size, echo_callers, s.connections)
         .await
@@ -772,7 +785,7 @@ async fn measure_floors(s: &Settings, work: &Path) -> Result<(floors::SledFloor,
     if s.progress {
         let _ = write!(std::io::stderr(), "\r\x1b[K");
     }
-    Ok((sled, echo, s.floor_messages))
+    Ok((per_message, packed, echo, s.floor_messages))
 }
 
 /// A free loopback port below the kernel's ephemeral range, for a node that must bind it

@@ -58,10 +58,16 @@ pub struct Floors {
     pub sled_commit_per_s: f64,
     /// Disk bytes written per record by the sled floor (its write amplification).
     pub sled_disk_bytes_per_record: f64,
+    /// The same, records packed into 64 KiB values as the store packs messages, records/s.
+    pub sled_packed_per_s: f64,
+    /// Disk bytes written per record by the packed sled floor.
+    pub sled_packed_disk_bytes_per_record: f64,
     /// Unary gRPC calls/s to a server that answers OK at once.
     pub echo_per_s: f64,
     /// acked/s ÷ sled floor.
     pub acked_vs_sled: f64,
+    /// acked/s ÷ packed sled floor.
+    pub acked_vs_sled_packed: f64,
     /// acked/s ÷ echo floor.
     pub acked_vs_echo: f64,
     /// deliveries/s ÷ echo floor.
@@ -256,8 +262,16 @@ impl Report {
         if let Some(f) = &self.floors {
             write!(
                 out,
-                "  floors     sled commit {:.0} /s ({:.0} disk B/record), unary echo {:.0} /s ({} each): acked = {:.2} x sled, {:.2} x echo",
-                f.sled_commit_per_s, f.sled_disk_bytes_per_record, f.echo_per_s, f.messages, f.acked_vs_sled, f.acked_vs_echo
+                "  floors     sled commit {:.0} /s ({:.0} disk B/record), packed {:.0} /s ({:.0} disk B/record), unary echo {:.0} /s ({} each): acked = {:.2} x sled, {:.2} x packed, {:.2} x echo",
+                f.sled_commit_per_s,
+                f.sled_disk_bytes_per_record,
+                f.sled_packed_per_s,
+                f.sled_packed_disk_bytes_per_record,
+                f.echo_per_s,
+                f.messages,
+                f.acked_vs_sled,
+                f.acked_vs_sled_packed,
+                f.acked_vs_echo
             )?;
             if let Some(d) = f.deliveries_vs_echo {
                 write!(out, "; delivered = {d:.2} x echo")?;

@@ -1,5 +1,6 @@
-//! `store::record::decode_message`: a head and continuation chunks cut from the input,
-//! with a length that matches the chunks (so the body is decoded) or not.
+//! `store::record::decode_pack`: a head and continuation chunks cut from the input, with a
+//! length that matches the chunks (so the messages are decoded) or not, ending at a small
+//! sequence (so a pack too long for it is met too).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,7 +10,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&ctl, rest)) = data.split_first() else {
         return;
     };
-    // Low 2 bits: continuation chunks; bit 2: lie about the length; bit 3: a chunk error.
+    // Low 2 bits: continuation chunks; bit 2: lie about the length; bit 3: a chunk error;
+    // high 4 bits: the pack's last sequence.
     let pieces = usize::from(ctl & 3) + 1;
     let step = rest.len() / pieces;
     let mut chunks: Vec<Vec<u8>> = (0..pieces)
@@ -44,5 +46,5 @@ fuzz_target!(|data: &[u8]| {
             Ok(c)
         }
     });
-    let _ = record::decode_message(b"m/fuzz", head, rest);
+    let _ = record::decode_pack(b"m/fuzz", u64::from(ctl >> 4), head, rest);
 });
