@@ -175,9 +175,16 @@ impl RangeRecord {
         (0..self.len).filter(|o| !self.is_done(*o))
     }
 
-    /// Whether every entry is finished, so the record can be deleted.
+    /// Whether every entry is finished, so the record can be deleted. A worker asks after
+    /// every delivery, so this compares whole bytes rather than walking the entries.
     pub fn is_complete(&self) -> bool {
-        self.pending().next().is_none()
+        let len = self.len as usize;
+        let (full, rest) = (len / 8, len % 8);
+        let Some(bytes) = self.done.get(..len.div_ceil(8)) else {
+            return false;
+        };
+        bytes[..full].iter().all(|b| *b == 0xff)
+            && (rest == 0 || bytes[full] & ((1u8 << rest) - 1) == (1u8 << rest) - 1)
     }
 }
 
@@ -538,5 +545,22 @@ mod tests {
             r.set_done(o);
         }
         assert!(r.is_complete());
+        for len in [0, 1, 7, 8, 9, 16, 4096] {
+            let mut r = RangeRecord::new(len);
+            for o in 0..len {
+                assert!(!r.is_complete(), "{len}");
+                r.set_done(len - 1 - o);
+            }
+            assert!(r.is_complete(), "{len}");
+        }
+        let short = RangeRecord {
+            len: 9,
+            done: vec![0xff],
+            attempts: Vec::new(),
+        };
+        assert!(
+            !short.is_complete(),
+            "a bitmap shorter than len is not complete"
+        );
     }
 }
