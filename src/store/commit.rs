@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::{keys, now_ms, record, Durability, MessageRecord, RangeRecord, RoundIndex, Store};
-use super::{DedupeRecord, StoreError};
+use super::StoreError;
+use super::{keys, now_ms, record, DedupeRound, Durability, MessageRecord, RangeRecord, Store};
 use crate::metrics::Metrics;
 
 /// Most messages in one round: bounds a range record's bitmap and a round's batch size.
@@ -308,6 +308,8 @@ impl Committer {
             None => 0,
         };
         let next_seq = store.next_seq()?;
+        // Before the manager serves: the first round's lookups would otherwise load it.
+        store.load_dedupe()?;
         committed.send_replace(next_seq - 1);
         store
             .inner
@@ -519,11 +521,6 @@ impl Committer {
                 accepted_at_ms: now,
                 ttl_ms: a.ttl_ms,
             };
-            let dedupe = DedupeRecord {
-                seq,
-                node_count,
-                accepted_at_ms: now,
-            };
             if let Some(limit) = self.limits.max_pending_per_node {
                 let pending = max_depth + (seq - start);
                 if pending >= limit {
@@ -535,9 +532,7 @@ impl Committer {
                     continue;
                 }
             }
-            let encoded =
-                record::encode(&dedupe).and_then(|d| Ok((d, record::encode_message(&message)?)));
-            let (dedupe_bytes, encoded) = match encoded {
+            let encoded = match record::encode_message(&message) {
                 Ok(e) => e,
                 Err(e) => {
                     let _ = tx.send(Err(CommitError::Store(e.to_string())));
@@ -545,14 +540,11 @@ impl Committer {
                 }
             };
             if let Some(quota) = self.limits.disk_quota {
-                let dedupe_key = keys::dedupe(&msg_id);
                 // Its bytes in a pack, and (conservatively) a pack record of its own.
                 let need = encoded.len() as u64
                     + (keys::message(seq).len() + record::HEADER_LEN) as u64
                     + RECORD_OVERHEAD
-                    + (dedupe_key.len() + dedupe_bytes.len()) as u64
-                    + RECORD_OVERHEAD
-                    // Its msg_id in the round index, its bit in each node's range record.
+                    // Its msg_id in the dedupe round, its bit in each node's range record.
                     + msg_id.len() as u64
                     + 8
                     + nodes.len() as u64 / 8
@@ -569,7 +561,6 @@ impl Committer {
                 round_bytes += need;
             }
             packs.push(seq, &encoded);
-            batch.insert(keys::dedupe(&msg_id), dedupe_bytes);
             seq += 1;
             in_round.insert(msg_id.clone(), node_count);
             ids.push(msg_id.clone());
@@ -578,6 +569,10 @@ impl Committer {
 
         if seq > start {
             let len = (seq - start) as u32;
+            let dedupe = DedupeRound {
+                node_count,
+                msg_ids: ids,
+            };
             // Counted before the batch is applied, so no worker can finish an entry that is
             // not counted yet (the queue depth invariant in crate::metrics).
             self.metrics.round_queued(&nodes, len);
@@ -589,12 +584,11 @@ impl Committer {
                 for node in nodes.iter() {
                     batch.insert(keys::range(node, start), range.clone());
                 }
-                batch.insert(
-                    keys::round_index(now, start),
-                    record::encode(&RoundIndex { msg_ids: ids })?,
-                );
+                batch.insert(keys::dedupe_round(now, start), record::encode(&dedupe)?);
                 batch.insert(keys::META_NEXT_SEQ, record::encode(&seq)?);
-                self.store.apply(batch, "writing a commit round")
+                self.store.apply(batch, "writing a commit round")?;
+                // Right after the apply: the next round's lookups see this one.
+                self.store.index_round(start, now, &dedupe)
             })();
             drop(barrier);
             // Once the batch is applied its sequence numbers are taken, even if the sync
@@ -658,7 +652,7 @@ impl Committer {
             .map(|n| keys::range(n, 0).len() as u64 + range + RECORD_OVERHEAD)
             .sum();
         per_node
-            + keys::round_index(0, 0).len() as u64
+            + keys::dedupe_round(0, 0).len() as u64
             + 16
             + keys::META_NEXT_SEQ.len() as u64
             + 16

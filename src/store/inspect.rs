@@ -38,9 +38,9 @@ mod tests;
 
 use super::commit::MAX_ROUND;
 use super::{keys, migrate, now_ms, record, Store, StoreError};
-use super::{DeadLetterRecord, DedupeRecord, MessageRecord, NodeRecord, RangeRecord, RoundIndex};
+use super::{DeadLetterRecord, DedupeRound, MessageRecord, NodeRecord, RangeRecord};
 
-use super::keys::{DEAD, DEDUPE, META, QUARANTINE};
+use super::keys::{DEAD, META, QUARANTINE};
 
 /// Ranges read per store query while walking a queue.
 const PAGE: usize = 64;
@@ -899,10 +899,14 @@ impl Store {
             } else if k.starts_with(keys::NODES) {
                 node_records.insert(String::from_utf8_lossy(&k[keys::NODES.len()..]).into_owned());
                 record::decode::<NodeRecord>(&k, &v).map(drop)
-            } else if k.starts_with(DEDUPE) {
-                record::decode::<DedupeRecord>(&k, &v).map(drop)
-            } else if k.starts_with(keys::ROUNDS) {
-                record::decode::<RoundIndex>(&k, &v).map(drop)
+            } else if k.starts_with(keys::DEDUPE_ROUNDS) {
+                match keys::parse_round(&k) {
+                    Some(_) => record::decode::<DedupeRound>(&k, &v).map(drop),
+                    None => Err(StoreError::Corrupt {
+                        key: name.clone(),
+                        reason: "a dedupe round key of unexpected length".into(),
+                    }),
+                }
             } else if k.starts_with(keys::ABSENT) {
                 record::decode::<u64>(&k, &v).map(drop)
             } else if k.starts_with(keys::ARCHIVE_PROGRESS) {

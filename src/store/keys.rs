@@ -14,13 +14,15 @@ pub const META_NEXT_SEQ: &[u8] = b"meta/next_seq";
 pub const MESSAGES: &[u8] = b"m/";
 /// Prefix of node records.
 pub const NODES: &[u8] = b"n/";
-/// Prefix of round indexes (dedupe expiry order).
+/// Prefix of format 1's round indexes (read by migration 0002 only).
 pub const ROUNDS: &[u8] = b"t/";
+/// Prefix of dedupe rounds (the dedupe index, in expiry order).
+pub const DEDUPE_ROUNDS: &[u8] = b"r/";
 /// Prefix of every node's queue ranges.
 pub const QUEUES: &[u8] = b"q/";
 /// Prefix of every node's dead letters.
 pub const DEAD: &[u8] = b"l/";
-/// Prefix of dedupe entries.
+/// Prefix of format 1's dedupe entries (read by migration 0002 only).
 pub const DEDUPE: &[u8] = b"d/";
 /// Prefix of the meta records.
 pub const META: &[u8] = b"meta/";
@@ -102,12 +104,30 @@ pub fn dedupe(msg_id: &str) -> Vec<u8> {
     with(DEDUPE, &[msg_id.as_bytes()])
 }
 
-/// `t/<accepted_at_ms><start>`
+/// `t/<accepted_at_ms><start>` (format 1)
 pub fn round_index(accepted_at_ms: u64, start: u64) -> Vec<u8> {
     with(
         ROUNDS,
         &[&accepted_at_ms.to_be_bytes(), &start.to_be_bytes()],
     )
+}
+
+/// `r/<accepted_at_ms><start>`
+pub fn dedupe_round(accepted_at_ms: u64, start: u64) -> Vec<u8> {
+    with(
+        DEDUPE_ROUNDS,
+        &[&accepted_at_ms.to_be_bytes(), &start.to_be_bytes()],
+    )
+}
+
+/// `(accepted_at_ms, start)` of an `r/` or `t/` key.
+pub fn parse_round(key: &[u8]) -> Option<(u64, u64)> {
+    let rest = key.get(2..)?;
+    if rest.len() != 16 {
+        return None;
+    }
+    let at = u64::from_be_bytes(rest[..8].try_into().ok()?);
+    Some((at, u64::from_be_bytes(rest[8..].try_into().ok()?)))
 }
 
 /// The trailing big-endian `u64` of a key (a sequence number), if it has one.

@@ -3,7 +3,9 @@
 //!
 //! Each step lives in its own file under `migrations/` (`NNNN_name.rs`) and adds its writes
 //! to a batch; the runner adds the new version number to the same batch and applies it, so
-//! a crash mid-migration leaves the store at the old or the new version, never between.
+//! a crash mid-migration leaves the store at the old or the new version, never between. A
+//! step too large for one batch may apply batches of its own first, each atomic and each
+//! leaving a store the step, run again, finishes (see 0002).
 //! A store of a newer format than this build knows is refused ([`StoreError::NewerFormat`]).
 
 use super::{keys, record, StoreError};

@@ -14,8 +14,8 @@
 //!    that, and `sync` still fsyncs any blob file that appears, and its directory.
 //! 2. **After any crash a message is fully enqueued for all its nodes, or not visible at
 //!    all, and its dedupe entry never exists without it.** A commit round is one sled `Batch`
-//!    on one tree (sled recovers a batch atomically): the message records, their dedupe
-//!    entries, one range record per node, the round index and the next sequence number.
+//!    on one tree (sled recovers a batch atomically): the message packs, one range record
+//!    per node, the round's dedupe record and the next sequence number.
 //! 3. **A payload is deleted only when no node queue and no dead letter refers to it.** Dead
 //!    letters hold a full copy. Message records are deleted only below the low-water mark
 //!    (the lowest unfinished sequence over every node's queue), computed from the store and
@@ -41,8 +41,7 @@
 //! q/<node>\0<start>        RangeRecord    a node's share of one commit round
 //! l/<node>\0<seq>          DeadLetterRecord
 //! n/<node>                 NodeRecord     known nodes
-//! d/<msg_id>               DedupeRecord
-//! t/<accepted_at><start>   RoundIndex     msg_ids of a round, for dedupe expiry
+//! r/<accepted_at><start>   DedupeRound    msg_ids of a round: the dedupe index (dedupe.rs)
 //! o/<node>                 u64            since when a node is absent from etcd (ms)
 //! a/<node>                 ArchiveProgress committed length of a retiring node's archive
 //! x/<original key>         raw bytes      quarantined by `queue-dump verify --repair`
@@ -53,6 +52,7 @@
 
 mod cache;
 pub mod commit;
+mod dedupe;
 pub mod inspect;
 pub mod keys;
 pub mod migrate;
@@ -74,8 +74,8 @@ pub use inspect::{
     VerifyReport,
 };
 pub use record::{
-    ArchiveProgress, DeadLetterRecord, DedupeRecord, MessageRecord, NodeRecord, RangeRecord,
-    RoundIndex,
+    ArchiveProgress, DeadLetterRecord, DedupeRecord, DedupeRound, MessageRecord, NodeRecord,
+    RangeRecord,
 };
 
 /// Errors of the store. Each says which record or file is involved.
@@ -236,6 +236,8 @@ struct Inner {
     fan_out_barrier: Mutex<()>,
     /// Decoded message records shared by the delivery workers ([`Store::shared_message`]).
     messages: cache::MessageCache,
+    /// The dedupe index, loaded from the dedupe rounds at first use ([`Store::dedupe`]).
+    dedupe: Mutex<Option<dedupe::DedupeIndex>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -412,6 +414,7 @@ impl Store {
                 write_failed: AtomicBool::new(false),
                 fan_out_barrier: Mutex::new(()),
                 messages: cache::MessageCache::default(),
+                dedupe: Mutex::new(None),
             }),
         };
         let known: Vec<String> = store.nodes()?.into_keys().collect();
@@ -646,39 +649,122 @@ impl Store {
 
     // ----- dedupe -----
 
-    /// The dedupe entry for `msg_id`, if one exists (expired or not).
-    pub fn dedupe(&self, msg_id: &str) -> Result<Option<DedupeRecord>, StoreError> {
-        self.get(&keys::dedupe(msg_id))
+    /// Runs `f` on the dedupe index, loading it from the dedupe rounds first if this is the
+    /// first use.
+    fn with_dedupe<T>(
+        &self,
+        f: impl FnOnce(&mut dedupe::DedupeIndex) -> T,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.inner.dedupe.lock().unwrap_or_else(|p| p.into_inner());
+        let index = match &mut *slot {
+            Some(index) => index,
+            empty => empty.insert(self.read_dedupe_index()?),
+        };
+        Ok(f(index))
     }
 
-    /// Removes dedupe entries accepted at or before `cutoff_ms`, oldest first, a round at a
-    /// time, stopping once `limit` entries are gone (so one call passes it by less than one
-    /// round, at most [`commit::MAX_ROUND`] entries): the committer, which runs it, is never
-    /// stalled for long. Returns the entries removed.
+    /// Builds the dedupe index from the dedupe rounds in the store.
+    fn read_dedupe_index(&self) -> Result<dedupe::DedupeIndex, StoreError> {
+        let started = std::time::Instant::now();
+        let mut index = dedupe::DedupeIndex::new();
+        for item in self.tree().scan_prefix(keys::DEDUPE_ROUNDS) {
+            let (k, v) = item.map_err(|e| StoreError::sled("loading the dedupe index", e))?;
+            let read = round_key(&k)
+                .and_then(|(at, start)| Ok((at, start, record::decode::<DedupeRound>(&k, &v)?)));
+            match read {
+                Ok((at, start, round)) => index.add_round(start, at, &round),
+                // Its msg_ids are not deduplicated (at worst a retry is delivered twice);
+                // expiry moves it to quarantine, and `queue-dump verify` reports it.
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable dedupe round left out of the index")
+                }
+            }
+        }
+        tracing::debug!(
+            msg_ids = index.len(),
+            elapsed = ?started.elapsed(),
+            "dedupe index loaded"
+        );
+        Ok(index)
+    }
+
+    /// Loads the dedupe index now rather than at the first accept (the committer calls it
+    /// before the manager reports SERVING).
+    pub(crate) fn load_dedupe(&self) -> Result<(), StoreError> {
+        self.with_dedupe(|_| ())
+    }
+
+    /// Where `msg_id` was last accepted, if its round's dedupe record is still in the store
+    /// (expired or not: the caller compares `accepted_at_ms` with its window).
+    pub fn dedupe(&self, msg_id: &str) -> Result<Option<DedupeRecord>, StoreError> {
+        let mut candidates = self.with_dedupe(|ix| ix.candidates(msg_id))?;
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        for (seq, start, round) in candidates {
+            let key = keys::dedupe_round(round.accepted_at_ms, start);
+            // Removed since the lookup: expired, so not a duplicate any more.
+            let Some(rec) = self.get::<DedupeRound>(&key)? else {
+                continue;
+            };
+            let at = usize::try_from(seq - start).unwrap_or(usize::MAX);
+            if rec.msg_ids.get(at).is_some_and(|id| id == msg_id) {
+                return Ok(Some(DedupeRecord {
+                    seq,
+                    node_count: rec.node_count,
+                    accepted_at_ms: round.accepted_at_ms,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds a round the committer just applied (its dedupe record written at
+    /// `r/<accepted_at_ms><start>`) to the dedupe index.
+    pub(crate) fn index_round(
+        &self,
+        start: u64,
+        accepted_at_ms: u64,
+        round: &DedupeRound,
+    ) -> Result<(), StoreError> {
+        self.with_dedupe(|ix| ix.add_round(start, accepted_at_ms, round))
+    }
+
+    /// Removes dedupe rounds accepted at or before `cutoff_ms`, oldest first, a round at a
+    /// time, stopping once `limit` msg_ids are gone (so one call passes it by less than one
+    /// round, at most [`commit::MAX_ROUND`] msg_ids): the committer, which runs it, is never
+    /// stalled for long. Returns the msg_ids removed.
     pub(crate) fn expire_dedupe(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let end = keys::round_index(cutoff_ms, u64::MAX);
+        let end = keys::dedupe_round(cutoff_ms, u64::MAX);
         let mut batch = sled::Batch::default();
+        let mut gone = Vec::new();
         let mut removed = 0;
-        for item in self.tree().range(keys::ROUNDS.to_vec()..=end) {
+        for item in self.tree().range(keys::DEDUPE_ROUNDS.to_vec()..=end) {
             if removed >= limit {
                 break;
             }
-            let (k, v) = item.map_err(|e| StoreError::sled("scanning round index", e))?;
-            let index: RoundIndex = record::decode(&k, &v)?;
-            for id in &index.msg_ids {
-                let dk = keys::dedupe(id);
-                // A msg_id re-accepted after expiry has a newer entry: keep that one.
-                if let Some(d) = self.get::<DedupeRecord>(&dk)? {
-                    if d.accepted_at_ms <= cutoff_ms {
-                        batch.remove(dk);
-                    }
+            let (k, v) = item.map_err(|e| StoreError::sled("scanning dedupe rounds", e))?;
+            let read = round_key(&k)
+                .and_then(|(_, start)| Ok((start, record::decode::<DedupeRound>(&k, &v)?)));
+            match read {
+                Ok((start, round)) => {
+                    removed += round.msg_ids.len().max(1);
+                    batch.remove(k);
+                    gone.push((start, round));
+                }
+                // Never in the index (see `read_dedupe_index`): kept for an operator.
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable dedupe round moved to quarantine");
+                    inspect::quarantine(&mut batch, &k, &v);
+                    removed += 1;
                 }
             }
-            batch.remove(k);
-            removed += index.msg_ids.len().max(1);
         }
         if removed > 0 {
-            self.apply(batch, "expiring dedupe entries")?;
+            self.apply(batch, "expiring dedupe rounds")?;
+            self.with_dedupe(|ix| {
+                for (start, round) in &gone {
+                    ix.remove_round(*start, round);
+                }
+            })?;
         }
         Ok(removed)
     }
@@ -1164,6 +1250,14 @@ impl Store {
         self.sync()?;
         Ok(true)
     }
+}
+
+/// `(accepted_at_ms, start)` of a dedupe round's key.
+fn round_key(key: &[u8]) -> Result<(u64, u64), StoreError> {
+    keys::parse_round(key).ok_or_else(|| StoreError::Corrupt {
+        key: keys::display(key),
+        reason: "a dedupe round key of unexpected length".into(),
+    })
 }
 
 /// File in the store directory written at a clean stop ([`Store::mark_clean_stop`]) and

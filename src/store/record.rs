@@ -359,7 +359,8 @@ pub struct NodeRecord {
     pub held: bool,
 }
 
-/// A dedupe entry (key `d/<msg_id>`).
+/// Where a msg_id was accepted: the answer of [`super::Store::dedupe`]. Format 1 stored one
+/// per msg_id (key `d/<msg_id>`); migration 0002 folds them into [`DedupeRound`]s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
 pub struct DedupeRecord {
     /// Sequence the message was accepted under.
@@ -370,11 +371,21 @@ pub struct DedupeRecord {
     pub accepted_at_ms: u64,
 }
 
-/// The msg_ids accepted in one commit round (key `t/<accepted_at>\0<start>`): lets dedupe
-/// entries expire in time order without scanning the dedupe keyspace.
+/// Format 1's msg_ids of a round (key `t/<accepted_at><start>`), next to a [`DedupeRecord`]
+/// per msg_id; migration 0002 turns both into a [`DedupeRound`].
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct RoundIndex {
     /// Every msg_id accepted in the round.
+    pub msg_ids: Vec<String>,
+}
+
+/// The dedupe entries of one commit round (key `r/<accepted_at><start>`): the durable form
+/// of the dedupe index (see `store/dedupe.rs`), expired a round at a time in time order.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DedupeRound {
+    /// Nodes every message of the round was queued for: a duplicate's reply repeats it.
+    pub node_count: u32,
+    /// The msg_id of each sequence of the round, `start` first.
     pub msg_ids: Vec<String>,
 }
 

@@ -269,7 +269,8 @@ fn new_store_is_migrated_to_the_current_format() {
 
 /// A format-1 store (one record per message, written here byte for byte as format 1 wrote
 /// them: a `MessageHead` over the message's own encoding, chunked at 64 KiB) opens as
-/// format 2, its messages readable as packs of one, and new rounds write packs next to them.
+/// format 2, its messages readable as packs of one, its dedupe entries folded into a dedupe
+/// round, and new rounds write packs next to them.
 #[tokio::test]
 async fn a_format_1_store_is_migrated_and_its_messages_read_as_packs_of_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,6 +309,19 @@ async fn a_format_1_store_is_migrated_and_its_messages_read_as_packs_of_one() {
             record::encode(&RangeRecord::new(3)).unwrap(),
         );
         batch.insert(keys::META_NEXT_SEQ, record::encode(&4u64).unwrap());
+        // Format 1's dedupe: an entry per msg_id and the round's list of them.
+        let at = now_ms();
+        for (seq, m) in (1u64..).zip(&old) {
+            let d = DedupeRecord {
+                seq,
+                node_count: 1,
+                accepted_at_ms: at,
+            };
+            batch.insert(keys::dedupe(&m.msg_id), record::encode(&d).unwrap());
+        }
+        let ids = old.iter().map(|m| m.msg_id.clone()).collect();
+        let round = record::RoundIndex { msg_ids: ids };
+        batch.insert(keys::round_index(at, 1), record::encode(&round).unwrap());
         store.tree().apply_batch(batch).unwrap();
         migrate::force_format(store.tree(), 1).unwrap();
     }
@@ -317,6 +331,18 @@ async fn a_format_1_store_is_migrated_and_its_messages_read_as_packs_of_one() {
         assert_eq!(&store.message(seq).unwrap().unwrap(), m, "m/{seq}");
     }
     assert!(store.verify(false).unwrap().problems.is_empty());
+    let d = store
+        .dedupe("old1")
+        .unwrap()
+        .expect("dedupe survives the migration");
+    assert_eq!((d.seq, d.node_count), (2, 1));
+    for legacy in [keys::DEDUPE, keys::ROUNDS] {
+        assert_eq!(
+            store.tree().scan_prefix(legacy).count(),
+            0,
+            "format-1 records gone"
+        );
+    }
     let (tx, _rx) = watch::channel(0);
     let (commit, thread) = Committer::spawn(store.clone(), opts(), tx).unwrap();
     THREADS.with(|t| t.borrow_mut().push(thread));
@@ -331,6 +357,8 @@ async fn a_format_1_store_is_migrated_and_its_messages_read_as_packs_of_one() {
     assert_eq!(store.message(4).unwrap().unwrap().msg_id, "new0");
     assert_eq!(store.message(6).unwrap().unwrap().msg_id, "new2");
     assert_eq!(store.message(2).unwrap().unwrap(), old[1]);
+    assert_eq!(store.dedupe("new2").unwrap().unwrap().seq, 6);
+    assert_eq!(store.dedupe("old2").unwrap().unwrap().seq, 3);
 }
 
 #[test]
