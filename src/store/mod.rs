@@ -698,7 +698,7 @@ impl Store {
     /// (expired or not: the caller compares `accepted_at_ms` with its window).
     pub fn dedupe(&self, msg_id: &str) -> Result<Option<DedupeRecord>, StoreError> {
         let mut candidates = self.with_dedupe(|ix| ix.candidates(msg_id))?;
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         for (seq, start, round) in candidates {
             let key = keys::dedupe_round(round.accepted_at_ms, start);
             // Removed since the lookup: expired, so not a duplicate any more.
