@@ -422,6 +422,52 @@ async fn a_garbled_range_record_is_quarantined_and_rebuilt_never_blocking_the_qu
     assert_eq!(store.ranges("a", None, 10).unwrap()[0].1, read[0].1);
 }
 
+/// The dedupe index is rebuilt from the rounds at open and answers with the round's node
+/// count; an unreadable round is left out (those ids are simply not deduplicated), reported
+/// by verify, and moved to quarantine by expiry.
+#[tokio::test]
+async fn the_dedupe_index_survives_reopen_and_skips_an_unreadable_round() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_store, commit, _rx) = setup(dir.path(), &["a", "b"]);
+        for r in 0..2 {
+            let batch = (0..3)
+                .map(|i| accept(&format!("r{r}-{i}"), vec![1]))
+                .collect();
+            for result in commit.accept_batch(batch).await {
+                result.unwrap();
+            }
+        }
+        commit.stop().await.unwrap();
+        join_committers();
+    }
+    let store = Store::reopen(dir.path(), Duration::from_secs(10)).unwrap();
+    let d = store.dedupe("r1-2").unwrap().unwrap();
+    assert_eq!((d.seq, d.node_count), (store.next_seq().unwrap() - 1, 2));
+    assert!(store.dedupe("r1-3").unwrap().is_none());
+    let rounds: Vec<Vec<u8>> = store
+        .tree()
+        .scan_prefix(keys::DEDUPE_ROUNDS)
+        .keys()
+        .map(|k| k.unwrap().to_vec())
+        .collect();
+    assert_eq!(rounds.len(), 2);
+    store
+        .tree()
+        .insert(&rounds[0], &b"\x01garbage"[..])
+        .unwrap();
+    drop(store);
+    let store = Store::reopen(dir.path(), Duration::from_secs(10)).unwrap();
+    assert!(store.dedupe("r0-0").unwrap().is_none(), "left out");
+    assert!(store.dedupe("r1-0").unwrap().is_some());
+    let report = store.verify(false).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(store.expire_dedupe(now_ms() + 1, 100).unwrap(), 4);
+    assert_eq!(store.tree().scan_prefix(keys::DEDUPE_ROUNDS).count(), 0);
+    assert!(store.dedupe("r1-0").unwrap().is_none(), "expired");
+    assert_eq!(store.verify(false).unwrap().quarantined, 1);
+}
+
 #[tokio::test]
 async fn dedupe_expiry_goes_a_round_at_a_time_and_stops_at_its_limit() {
     let dir = tempfile::tempdir().unwrap();
