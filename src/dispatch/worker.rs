@@ -34,7 +34,9 @@ use super::client::NodeClient;
 use super::policy::{self, Outcome, Ttl};
 use super::{DeliveryConfig, NodeState, NodeStatus, NodeTarget};
 use crate::metrics::NodeMetrics;
-use crate::store::{now_ms, DeadLetterRecord, MessageRecord, RangeRecord, Store, StoreError};
+use crate::store::{
+    now_ms, DeadLetterRecord, MessageRecord, RangeRecord, ReadAhead, Store, StoreError,
+};
 
 /// How often partial progress on a range is written back.
 const WRITE_BACK_EVERY: Duration = Duration::from_millis(100);
@@ -129,6 +131,8 @@ struct State {
     range_times: HashMap<u64, u64>,
     /// The state last given to the metrics.
     metrics_state: Option<NodeState>,
+    /// Messages read ahead for this node ([`Store::next_message`]).
+    ahead: ReadAhead,
 }
 
 impl NodeWorker {
@@ -154,6 +158,7 @@ impl NodeWorker {
             head_stale: true,
             range_times: HashMap::new(),
             metrics_state: None,
+            ahead: ReadAhead::default(),
         };
         self.connect(&mut st);
         // Reloaded certificates toward nodes: a new channel for the calls from then on.
@@ -328,7 +333,7 @@ impl NodeWorker {
     fn next_ready(&self, st: &mut State, now: Instant, bytes: usize) -> Option<Ready> {
         loop {
             let (seq, mut entry) = st.entries.pop_first()?;
-            let msg = match self.store.shared_message(seq) {
+            let msg = match self.store.next_message(seq, &mut st.ahead) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     // Quarantined already (by another node's worker, or `verify --repair`).

@@ -209,6 +209,11 @@ type PackHead = (u64, sled::IVec, sled::IVec);
 /// Bytes of records a read-ahead stops after.
 const READ_AHEAD_BYTES: usize = 1 << 20;
 
+/// Messages a forward reader read ahead of its position ([`Store::next_message`]): at most
+/// one read-ahead's worth (about [`READ_AHEAD`] messages and [`READ_AHEAD_BYTES`]).
+#[derive(Default)]
+pub struct ReadAhead(BTreeMap<u64, Arc<MessageRecord>>);
+
 /// Handle to an open store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -898,9 +903,38 @@ impl Store {
     /// which costs far less than a lookup each, and workers read their queues in sequence
     /// order.
     pub fn shared_message(&self, seq: u64) -> Result<Option<Arc<MessageRecord>>, StoreError> {
+        self.next_message(seq, &mut ReadAhead::default())
+    }
+
+    /// [`Store::shared_message`] for a reader going forward in sequence order (a delivery
+    /// worker): what a miss reads ahead is also kept in `ahead`, the reader's own, and served
+    /// from there first.
+    ///
+    /// Why: the shared cache evicts the lowest sequences first. With many nodes far apart in
+    /// their queues (more than the cache holds between the first and the last), the slowest
+    /// readers' read-ahead was evicted by the others' before they reached it, so every
+    /// message cost them a pack decode: measured with 100 nodes draining 60,000 messages,
+    /// one run in three drained at 14,900 instead of ~150,000 deliveries/s with the manager
+    /// on both cores throughout.
+    pub fn next_message(
+        &self,
+        seq: u64,
+        kept: &mut ReadAhead,
+    ) -> Result<Option<Arc<MessageRecord>>, StoreError> {
+        while let Some(first) = kept.0.first_entry() {
+            if *first.key() > seq {
+                break;
+            }
+            if *first.key() == seq {
+                return Ok(Some(first.remove()));
+            }
+            first.remove();
+        }
         if let Some(m) = self.inner.messages.get(seq) {
             return Ok(Some(m));
         }
+        // Whatever is left is ahead of a sequence this reader skipped to: stale.
+        kept.0.clear();
         let mut found = None;
         let (mut ahead, mut bytes) = (0u64, 0usize);
         for item in self.tree().range(keys::message(seq)..) {
@@ -935,6 +969,7 @@ impl Store {
                 }
                 if at > seq {
                     ahead += 1;
+                    kept.0.insert(at, m.clone());
                 }
                 self.inner.messages.insert(at, m);
             }

@@ -546,3 +546,71 @@ async fn shared_reads_read_ahead_and_a_bad_pack_ahead_fails_only_its_own_reads()
     assert_eq!(store.message(first + 11).unwrap().unwrap().payload, [11]);
     assert!(store.shared_message(first + 12).unwrap().is_none());
 }
+
+/// A forward reader's read-ahead is its own: it serves the reader after the shared cache
+/// dropped it (here the cache is cleared and the pack garbled on disk, so any second read
+/// would fail), and entries the reader skips past are dropped.
+#[tokio::test]
+async fn a_readers_own_read_ahead_outlives_the_shared_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _rx) = setup(dir.path(), &["a"]);
+    let batch = (0..20u8)
+        .map(|i| accept(&format!("m{i}"), vec![i]))
+        .collect();
+    for result in commit.accept_batch(batch).await {
+        result.unwrap();
+    }
+    commit.stop().await.unwrap();
+    let first = store.dedupe("m0").unwrap().unwrap().seq;
+    let last = first + 19;
+
+    let mut ahead = ReadAhead::default();
+    assert_eq!(
+        store
+            .next_message(first, &mut ahead)
+            .unwrap()
+            .unwrap()
+            .payload,
+        [0]
+    );
+    assert_eq!(ahead.0.len(), 19, "the rest of the pack");
+    store.inner.messages.clear();
+    store
+        .tree()
+        .insert(keys::message(last), &b"\x01garbage"[..])
+        .unwrap();
+    assert!(
+        store.shared_message(first + 1).is_err(),
+        "gone from the cache"
+    );
+    assert_eq!(
+        store
+            .next_message(first + 1, &mut ahead)
+            .unwrap()
+            .unwrap()
+            .payload,
+        [1]
+    );
+    assert_eq!(
+        store
+            .next_message(first + 5, &mut ahead)
+            .unwrap()
+            .unwrap()
+            .payload,
+        [5]
+    );
+    assert_eq!(ahead.0.len(), 14, "2, 3 and 4 were skipped past");
+    assert_eq!(
+        store
+            .next_message(last, &mut ahead)
+            .unwrap()
+            .unwrap()
+            .payload,
+        [19]
+    );
+    assert!(ahead.0.is_empty());
+    assert!(
+        store.next_message(first + 3, &mut ahead).is_err(),
+        "going back reads again"
+    );
+}
