@@ -17,9 +17,10 @@
 //!    on one tree (sled recovers a batch atomically): the message packs, one range record
 //!    per node, the round's dedupe record and the next sequence number.
 //! 3. **A payload is deleted only when no node queue and no dead letter refers to it.** Dead
-//!    letters hold a full copy. Message records are deleted only below the low-water mark
-//!    (the lowest unfinished sequence over every node's queue), computed from the store and
-//!    made durable by a sync *before* the deletion is written.
+//!    letters hold a full copy. A message pack is deleted only when its last sequence is
+//!    below the low-water mark (the lowest unfinished sequence over every node's queue),
+//!    computed from the store and made durable by a sync *before* the deletion is written;
+//!    packs are keyed by their last sequence, so that is every key below `m/<lwm>`.
 //! 4. **Opening a store of an older format migrates it; a newer or corrupt one is a clear
 //!    error, never silent loss** ([`migrate`]). Every record carries a version byte and a
 //!    CRC32C checked on read ([`record`]). Files sled cannot read, a store that comes up
