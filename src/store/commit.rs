@@ -2,7 +2,7 @@
 //!
 //! A round takes every accept waiting in the channel (up to [`MAX_ROUND`]), checks each
 //! against the dedupe entries, assigns sequence numbers, writes the whole round as one
-//! atomic sled batch (its messages in packs of up to 64 KiB, one dedupe entry per message,
+//! atomic sled batch (its messages in packs of up to 16 KiB, one dedupe entry per message,
 //! one range record per known node), makes it durable with [`Store::sync`], and only then answers the round's
 //! callers and wakes the delivery workers. Callers that arrive while a round is syncing form
 //! the next round, so the fsync rate, not the caller count, bounds the round rate.

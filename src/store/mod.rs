@@ -38,7 +38,7 @@
 //! meta/manager_id          String         the manager this data dir belongs to
 //! meta/next_seq            u64            next sequence number (written in every round)
 //! m/<last>                 MessageHead    a pack of messages first..=last: its first chunk
-//! m/<last><index>          Vec<u8>        its further chunks (packs over 64 KiB)
+//! m/<last><index>          Vec<u8>        its further chunks (messages over 64 KiB)
 //! q/<node>\0<start>        RangeRecord    a node's share of one commit round
 //! l/<node>\0<seq>          DeadLetterRecord
 //! n/<node>                 NodeRecord     known nodes
@@ -49,7 +49,7 @@
 //! ```
 //!
 //! Fan-out costs one range record per node per commit round, not per message; payloads
-//! cost one pack record per 64 KiB of messages ([`record::MessageHead`]), not one each.
+//! cost one pack record per 16 KiB of messages ([`record::MessageHead`]), not one each.
 
 mod cache;
 pub mod commit;

@@ -7,7 +7,8 @@
 //!   least: insert every waiting caller's record, `flush()`, `fdatasync` the log, answer
 //!   them. Nothing else (no dedupe, no index, no gRPC). Measured twice: one sled record per
 //!   message (what any design with a record per message pays), and packed as the store packs
-//!   them (a round's records concatenated into values of up to 64 KiB, one insert each).
+//!   them (a round's records concatenated into values of up to `PACK_BYTES`, 16 KiB, one
+//!   insert each).
 //! - **unary echo floor**: an in-process gRPC server whose `Broadcast` answers OK at once,
 //!   driven by the same callers, connections and payload as the product run.
 //!

@@ -58,7 +58,7 @@ pub struct Floors {
     pub sled_commit_per_s: f64,
     /// Disk bytes written per record by the sled floor (its write amplification).
     pub sled_disk_bytes_per_record: f64,
-    /// The same, records packed into 64 KiB values as the store packs messages, records/s.
+    /// The same, records packed into 16 KiB values as the store packs messages, records/s.
     pub sled_packed_per_s: f64,
     /// Disk bytes written per record by the packed sled floor.
     pub sled_packed_disk_bytes_per_record: f64,
