@@ -222,8 +222,8 @@ pub const MESSAGE_CHUNK: usize = 64 * 1024;
 /// than this is a pack of its own, chunked if over [`MESSAGE_CHUNK`]). Measured with
 /// 1,000,000 queued 1 KiB messages: 64 KiB packs left the manager at 451–482 MiB resident
 /// right after accepting them (sled keeps the large values of recently written leaves in
-/// memory whatever its cache capacity), 16 KiB at 217–222 MiB, 8 KiB at 193–210 MiB with a
-/// slower drain (110,000 vs 115,000 msgs/s); accept rates were the same.
+/// memory whatever its cache capacity), 16 KiB at 217–222 MiB, 8 KiB at 193–210 MiB; accept
+/// rates were the same, drains a little slower with 8 KiB (BENCHMARKS.md).
 pub const PACK_BYTES: usize = 16 * 1024;
 
 /// One `(key, value)` write.
