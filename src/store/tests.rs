@@ -614,3 +614,64 @@ async fn a_readers_own_read_ahead_outlives_the_shared_cache() {
         "going back reads again"
     );
 }
+
+/// Migration 0002 converts dedupe rounds a step at a time: a store whose migration stopped
+/// part-way (one round converted, the version still 1) is finished by the next open, and
+/// every msg_id answers as before.
+#[test]
+fn a_migration_stopped_part_way_is_finished_by_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = now_ms();
+    let round = |start: u64, ids: &[&str]| {
+        let mut batch = sled::Batch::default();
+        for (seq, id) in (start..).zip(ids) {
+            let d = DedupeRecord {
+                seq,
+                node_count: 2,
+                accepted_at_ms: at,
+            };
+            batch.insert(keys::dedupe(id), record::encode(&d).unwrap());
+        }
+        let msg_ids = ids.iter().map(|s| s.to_string()).collect();
+        let index = record::RoundIndex { msg_ids };
+        batch.insert(
+            keys::round_index(at, start),
+            record::encode(&index).unwrap(),
+        );
+        batch
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.tree().apply_batch(round(1, &["a", "b"])).unwrap();
+        store.tree().apply_batch(round(3, &["c"])).unwrap();
+        // The first round already converted, as a step of 0002 leaves it.
+        let mut step = sled::Batch::default();
+        let converted = DedupeRound {
+            node_count: 2,
+            msg_ids: vec!["a".into(), "b".into()],
+        };
+        step.insert(
+            keys::dedupe_round(at, 1),
+            record::encode(&converted).unwrap(),
+        );
+        step.remove(keys::round_index(at, 1));
+        step.remove(keys::dedupe("a"));
+        step.remove(keys::dedupe("b"));
+        store.tree().apply_batch(step).unwrap();
+        migrate::force_format(store.tree(), 1).unwrap();
+    }
+    let store = Store::reopen(dir.path(), Duration::from_secs(10)).unwrap();
+    assert_eq!(migrate::format_version(store.tree()).unwrap(), 2);
+    for (id, seq) in [("a", 1), ("b", 2), ("c", 3)] {
+        let d = store.dedupe(id).unwrap().unwrap();
+        assert_eq!(
+            (d.seq, d.node_count, d.accepted_at_ms),
+            (seq, 2, at),
+            "{id}"
+        );
+    }
+    for legacy in [keys::DEDUPE, keys::ROUNDS] {
+        assert_eq!(store.tree().scan_prefix(legacy).count(), 0);
+    }
+    assert_eq!(store.tree().scan_prefix(keys::DEDUPE_ROUNDS).count(), 2);
+}
