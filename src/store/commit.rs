@@ -586,15 +586,18 @@ impl Committer {
                 }
                 batch.insert(keys::dedupe_round(now, start), record::encode(&dedupe)?);
                 batch.insert(keys::META_NEXT_SEQ, record::encode(&seq)?);
-                self.store.apply(batch, "writing a commit round")?;
-                // Right after the apply: the next round's lookups see this one.
-                self.store.index_round(start, now, &dedupe)
+                self.store.apply(batch, "writing a commit round")
             })();
             drop(barrier);
             // Once the batch is applied its sequence numbers are taken, even if the sync
             // fails: reusing them would overwrite records that may yet reach the disk.
             if applied.is_ok() {
                 self.next_seq = seq;
+                // Right after the apply: the next round's lookups see this one. (The index
+                // was loaded when the committer started, so this cannot fail on a read.)
+                if let Err(e) = self.store.index_round(start, now, &dedupe) {
+                    tracing::error!(error = %e, "indexing a round's msg_ids failed");
+                }
                 if self.limits.disk_quota.is_some() {
                     self.unreclaimed.insert(start, (seq, round_bytes));
                     self.unreclaimed_bytes += round_bytes;
