@@ -23,13 +23,6 @@ use crate::store::{keys, StoreError};
 /// Rounds converted per step.
 const STEP: usize = 256;
 
-fn sled_error(what: &str, e: sled::Error) -> StoreError {
-    StoreError::Engine {
-        what: what.into(),
-        reason: e.to_string(),
-    }
-}
-
 /// Converts every format-1 dedupe round, then adds the removal of any `d/` record left
 /// without a round to `batch`.
 pub fn apply(tree: &sled::Tree, batch: &mut sled::Batch) -> Result<(), StoreError> {
@@ -37,7 +30,7 @@ pub fn apply(tree: &sled::Tree, batch: &mut sled::Batch) -> Result<(), StoreErro
         let mut step = sled::Batch::default();
         let mut converted = 0;
         for item in tree.scan_prefix(keys::ROUNDS).take(STEP) {
-            let (k, v) = item.map_err(|e| sled_error("reading format-1 rounds", e))?;
+            let (k, v) = item.map_err(|e| StoreError::sled("reading format-1 rounds", e))?;
             let Some((accepted_at, start)) = keys::parse_round(&k) else {
                 return Err(StoreError::Corrupt {
                     key: keys::display(&k),
@@ -50,7 +43,7 @@ pub fn apply(tree: &sled::Tree, batch: &mut sled::Batch) -> Result<(), StoreErro
                 let dk = keys::dedupe(id);
                 let Some(d) = tree
                     .get(&dk)
-                    .map_err(|e| sled_error("reading format-1 dedupe entries", e))?
+                    .map_err(|e| StoreError::sled("reading format-1 dedupe entries", e))?
                 else {
                     continue;
                 };
@@ -78,10 +71,10 @@ pub fn apply(tree: &sled::Tree, batch: &mut sled::Batch) -> Result<(), StoreErro
             break;
         }
         tree.apply_batch(step)
-            .map_err(|e| sled_error("converting format-1 rounds", e))?;
+            .map_err(|e| StoreError::sled("converting format-1 rounds", e))?;
     }
     for item in tree.scan_prefix(keys::DEDUPE).keys() {
-        batch.remove(item.map_err(|e| sled_error("reading format-1 dedupe entries", e))?);
+        batch.remove(item.map_err(|e| StoreError::sled("reading format-1 dedupe entries", e))?);
     }
     Ok(())
 }

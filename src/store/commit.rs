@@ -1,10 +1,10 @@
 //! Group commit: one committer thread turns concurrent accepts into commit rounds.
 //!
 //! A round takes every accept waiting in the channel (up to [`MAX_ROUND`]), checks each
-//! against the dedupe entries, assigns sequence numbers, writes the whole round as one
-//! atomic sled batch (its messages in packs of up to 16 KiB, one dedupe entry per message,
-//! one range record per known node), makes it durable with [`Store::sync`], and only then answers the round's
-//! callers and wakes the delivery workers. Callers that arrive while a round is syncing form
+//! against the dedupe index, assigns sequence numbers, writes the whole round as one atomic
+//! sled batch (its messages in packs of up to 16 KiB, one dedupe round record, one range
+//! record per known node), makes it durable with [`Store::sync`], and only then answers
+//! the round's callers and wakes the delivery workers. Callers that arrive while a round is syncing form
 //! the next round, so the fsync rate, not the caller count, bounds the round rate.
 //!
 //! The committer is the only writer of new messages, the only caller of `flush()` besides

@@ -38,7 +38,7 @@ mod tests;
 
 use super::commit::MAX_ROUND;
 use super::{keys, migrate, now_ms, record, Store, StoreError};
-use super::{DeadLetterRecord, DedupeRound, MessageRecord, NodeRecord, RangeRecord};
+use super::{DeadLetterRecord, MessageRecord, NodeRecord, RangeRecord};
 
 use super::keys::{DEAD, META, QUARANTINE};
 
@@ -900,13 +900,7 @@ impl Store {
                 node_records.insert(String::from_utf8_lossy(&k[keys::NODES.len()..]).into_owned());
                 record::decode::<NodeRecord>(&k, &v).map(drop)
             } else if k.starts_with(keys::DEDUPE_ROUNDS) {
-                match keys::parse_round(&k) {
-                    Some(_) => record::decode::<DedupeRound>(&k, &v).map(drop),
-                    None => Err(StoreError::Corrupt {
-                        key: name.clone(),
-                        reason: "a dedupe round key of unexpected length".into(),
-                    }),
-                }
+                super::decode_round(&k, &v).map(drop)
             } else if k.starts_with(keys::ABSENT) {
                 record::decode::<u64>(&k, &v).map(drop)
             } else if k.starts_with(keys::ARCHIVE_PROGRESS) {

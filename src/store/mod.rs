@@ -675,9 +675,7 @@ impl Store {
         let mut index = dedupe::DedupeIndex::new();
         for item in self.tree().scan_prefix(keys::DEDUPE_ROUNDS) {
             let (k, v) = item.map_err(|e| StoreError::sled("loading the dedupe index", e))?;
-            let read = round_key(&k)
-                .and_then(|(at, start)| Ok((at, start, record::decode::<DedupeRound>(&k, &v)?)));
-            match read {
+            match decode_round(&k, &v) {
                 Ok((at, start, round)) => index.add_round(start, at, &round),
                 // Its msg_ids are not deduplicated (at worst a retry is delivered twice);
                 // expiry moves it to quarantine, and `queue-dump verify` reports it.
@@ -748,10 +746,8 @@ impl Store {
                 break;
             }
             let (k, v) = item.map_err(|e| StoreError::sled("scanning dedupe rounds", e))?;
-            let read = round_key(&k)
-                .and_then(|(_, start)| Ok((start, record::decode::<DedupeRound>(&k, &v)?)));
-            match read {
-                Ok((start, round)) => {
+            match decode_round(&k, &v) {
+                Ok((_, start, round)) => {
                     removed += round.msg_ids.len().max(1);
                     batch.remove(k);
                     gone.push((start, round));
@@ -1288,12 +1284,13 @@ impl Store {
     }
 }
 
-/// `(accepted_at_ms, start)` of a dedupe round's key.
-fn round_key(key: &[u8]) -> Result<(u64, u64), StoreError> {
-    keys::parse_round(key).ok_or_else(|| StoreError::Corrupt {
+/// A dedupe round record read from the tree: `(accepted_at_ms, start, round)`.
+fn decode_round(key: &[u8], value: &[u8]) -> Result<(u64, u64, DedupeRound), StoreError> {
+    let (at, start) = keys::parse_round(key).ok_or_else(|| StoreError::Corrupt {
         key: keys::display(key),
         reason: "a dedupe round key of unexpected length".into(),
-    })
+    })?;
+    Ok((at, start, record::decode(key, value)?))
 }
 
 /// File in the store directory written at a clean stop ([`Store::mark_clean_stop`]) and
