@@ -1,5 +1,6 @@
 //! Delivery end to end with real processes: fan-out, node outages (also across a manager
-//! restart) and a poison message, against `connect-node-sim`s on loopback.
+//! restart, and what a down node is offered) and a poison message, against
+//! `connect-node-sim`s on loopback.
 
 // Test code: a panic is a failed test with its message (see clippy.toml).
 #![allow(clippy::unwrap_used)]
@@ -9,8 +10,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{has_all, ids, send_all, wait_until, with_store, Manager, Sim};
-use push_manager::store::Store;
+use common::metrics::Metrics;
+use common::{free_port, has_all, ids, send_all, wait_until, with_store, Manager, Sim};
+use push_manager::store::{Filter, QueueKind, Store};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Short backoff so a returning node is retried quickly.
@@ -162,4 +164,68 @@ async fn poison_message_is_dead_lettered_and_the_rest_arrive() {
         store.ranges("node-2", None, 10).unwrap().is_empty(),
         "nothing left live"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_node_is_probed_with_one_entry_at_a_time() {
+    // A node never heard from gets a one-entry probe before any batch, and each probe while
+    // it backs off carries one entry: the rest of its queue is not offered until it answers.
+    let a = Sim::start("node-1", &[]);
+    let mut b = Sim::start("node-2", &[]);
+    b.kill();
+    let data = tempfile::tempdir().unwrap();
+    let metrics = Metrics {
+        addr: format!("127.0.0.1:{}", free_port()),
+    };
+    let mut args = FAST_BACKOFF.to_vec();
+    args.extend(["--metrics-listen", metrics.addr.as_str()]);
+    let mut m = Manager::start(data.path(), &nodes(&[&a, &b]), &args);
+    m.wait_ready().await;
+    let ids = ids("probe", 300);
+    send_all(&m, &ids, 2).await;
+    wait_until("node-1 has all 300", CONVERGE, || has_all(&a, &ids)).await;
+    let retries = r#"push_manager_deliveries_total{node="node-2",result="retry"}"#;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let mut failed = metrics.get(retries).await;
+    while failed < 5.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected 5 failed offers to node-2 within {CONVERGE:?}, saw {failed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        failed = metrics.get(retries).await;
+    }
+    assert!(m.terminate().await.success());
+
+    let entries = with_store(data.path(), |s| {
+        s.entries(
+            "node-2",
+            QueueKind::Live,
+            &Filter::default(),
+            usize::MAX,
+            push_manager::store::now_ms(),
+        )
+        .unwrap()
+    });
+    assert_eq!(entries.len(), 300, "node-2's queue is whole");
+    let offered: Vec<(u64, u32)> = entries
+        .iter()
+        .filter(|e| e.attempts > 0)
+        .map(|e| (e.seq, e.attempts))
+        .collect();
+    assert_eq!(
+        offered.len(),
+        1,
+        "only the first entry was ever offered to the down node: {offered:?}"
+    );
+    assert_eq!(offered[0].0, entries[0].seq);
+    assert!(offered[0].1 >= 5, "{offered:?}");
+
+    b.restart();
+    m.restart();
+    m.wait_ready().await;
+    wait_until("node-2 has all 300 once back", CONVERGE, || {
+        has_all(&b, &ids)
+    })
+    .await;
 }
