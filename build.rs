@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors =
         std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("push_manager_descriptor.bin");
     tonic_prost_build::configure()
+        // A delivery hands the stored payload to every node's request without copying it,
+        // and an empty header map costs nothing to build.
+        .bytes(".broadcast.BroadCastReq.payload")
+        .btree_map(".broadcast.BroadCastReq.headers")
         .file_descriptor_set_path(descriptors)
         .compile_protos(&["proto/broadcast.proto", "proto/admin.proto"], &["proto"])?;
     Ok(())

@@ -466,7 +466,7 @@ pub async fn send(args: SendArgs) -> Result<(), ClientError> {
         };
         let req = BroadCastReq {
             msg_id,
-            payload: payload.clone(),
+            payload: payload.clone().into(),
             topic: args.topic.clone(),
             ttl_ms: args.ttl_ms,
             headers: args.headers.iter().cloned().collect(),

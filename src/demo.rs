@@ -60,7 +60,7 @@ async fn send_all(addr: &str, ids: Vec<String>) -> Vec<String> {
             async move {
                 let req = BroadCastReq {
                     msg_id: id.clone(),
-                    payload: format!("demo payload for {id}").into_bytes(),
+                    payload: format!("demo payload for {id}").into_bytes().into(),
                     topic: "demo".into(),
                     ..Default::default()
                 };

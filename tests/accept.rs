@@ -13,7 +13,7 @@ use tonic::Code;
 fn req(msg_id: &str, payload: Vec<u8>) -> BroadCastReq {
     BroadCastReq {
         msg_id: msg_id.into(),
-        payload,
+        payload: payload.into(),
         ..Default::default()
     }
 }

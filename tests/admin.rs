@@ -63,7 +63,7 @@ async fn send(m: &Manager, ids: &[String], topic: &str) {
         client
             .broadcast(BroadCastReq {
                 msg_id: id.clone(),
-                payload: payload(i, 64),
+                payload: payload(i, 64).into(),
                 topic: topic.into(),
                 ..Default::default()
             })
@@ -290,7 +290,7 @@ async fn drain_refuses_broadcasts_and_reports_empty_queues() {
         .await
         .broadcast(BroadCastReq {
             msg_id: "late".into(),
-            payload: b"x".to_vec(),
+            payload: b"x".to_vec().into(),
             ..Default::default()
         })
         .await

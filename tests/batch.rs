@@ -20,7 +20,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 fn item(msg_id: &str, size: usize) -> BroadCastReq {
     BroadCastReq {
         msg_id: msg_id.to_string(),
-        payload: payload(0, size),
+        payload: payload(0, size).into(),
         ..Default::default()
     }
 }

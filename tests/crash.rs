@@ -37,7 +37,7 @@ async fn sender(addr: String, n: usize, stop: Arc<AtomicBool>, acked: Arc<Mutex<
         i += 1;
         let req = BroadCastReq {
             msg_id: id.clone(),
-            payload: payload(i, 512),
+            payload: payload(i, 512).into(),
             ..Default::default()
         };
         match client.broadcast(req).await {

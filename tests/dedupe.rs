@@ -25,7 +25,7 @@ async fn send(m: &Manager, id: &str, body: &str) -> BroadCastReply {
         .await
         .broadcast(BroadCastReq {
             msg_id: id.to_string(),
-            payload: body.as_bytes().to_vec(),
+            payload: body.as_bytes().to_vec().into(),
             ..Default::default()
         })
         .await

@@ -110,7 +110,7 @@ async fn disk_full_is_unavailable_never_ok_and_acked_messages_survive() {
     for i in 0..50 {
         let req = BroadCastReq {
             msg_id: format!("before-{i}"),
-            payload: payload(i, 16 * 1024),
+            payload: payload(i, 16 * 1024).into(),
             ..Default::default()
         };
         client.broadcast(req).await.unwrap();
@@ -124,7 +124,7 @@ async fn disk_full_is_unavailable_never_ok_and_acked_messages_survive() {
         let id = format!("full-{i}");
         let req = BroadCastReq {
             msg_id: id.clone(),
-            payload: payload(i, 16 * 1024),
+            payload: payload(i, 16 * 1024).into(),
             ..Default::default()
         };
         match client.broadcast(req).await {
@@ -156,7 +156,7 @@ async fn disk_full_is_unavailable_never_ok_and_acked_messages_survive() {
     // Still refused while the disk is full: never an OK.
     let again = BroadCastReq {
         msg_id: "still-full".into(),
-        payload: payload(0, 64),
+        payload: payload(0, 64).into(),
         ..Default::default()
     };
     let s = client.broadcast(again).await.unwrap_err();
@@ -173,7 +173,7 @@ async fn disk_full_is_unavailable_never_ok_and_acked_messages_survive() {
         let id = format!("after-free-{attempt}");
         let req = BroadCastReq {
             msg_id: id.clone(),
-            payload: payload(attempt, 64),
+            payload: payload(attempt, 64).into(),
             ..Default::default()
         };
         // The port closes for a moment while the store is reopened: reconnect each time.

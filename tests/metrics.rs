@@ -24,7 +24,7 @@ async fn send(
     client
         .broadcast(BroadCastReq {
             msg_id: id.to_string(),
-            payload: payload(0, size),
+            payload: payload(0, size).into(),
             ..Default::default()
         })
         .await

@@ -87,7 +87,7 @@ async fn send(manager: &Manager, id: &str, topic: &str, body: Vec<u8>) {
         .await
         .broadcast(BroadCastReq {
             msg_id: id.into(),
-            payload: body,
+            payload: body.into(),
             topic: topic.into(),
             ..Default::default()
         })

@@ -22,7 +22,7 @@ const FAST_BACKOFF: &[&str] = &["--backoff-initial", "20ms", "--backoff-max", "2
 fn req(id: &str, size: usize) -> BroadCastReq {
     BroadCastReq {
         msg_id: id.to_string(),
-        payload: payload(0, size),
+        payload: payload(0, size).into(),
         ..Default::default()
     }
 }

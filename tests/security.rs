@@ -48,7 +48,7 @@ async fn broadcast(
     let channel = channel(addr, tls).await.map_err(|e| (None, e))?;
     let mut request = tonic::Request::new(BroadCastReq {
         msg_id: msg_id.to_string(),
-        payload: b"secret payload".to_vec(),
+        payload: b"secret payload".to_vec().into(),
         ..Default::default()
     });
     if let Some(t) = token {

@@ -25,7 +25,7 @@ async fn send_all(client: &mut PushServerClient<Channel>, ids: &[String]) {
         client
             .broadcast(BroadCastReq {
                 msg_id: id.clone(),
-                payload: payload(i, 256),
+                payload: payload(i, 256).into(),
                 ..Default::default()
             })
             .await
@@ -86,7 +86,7 @@ async fn sigterm_drains_and_loses_nothing_acked() {
     let refused = client
         .broadcast(BroadCastReq {
             msg_id: "during-drain".into(),
-            payload: b"x".to_vec(),
+            payload: b"x".to_vec().into(),
             ..Default::default()
         })
         .await

@@ -17,7 +17,7 @@ use tonic::Code;
 fn delivery(msg_id: &str, seq: u64, attempt: u32) -> BroadCastReq {
     BroadCastReq {
         msg_id: msg_id.to_string(),
-        payload: payload(seq as usize, 16),
+        payload: payload(seq as usize, 16).into(),
         manager_id: "m1".to_string(),
         seq,
         attempt,

@@ -49,7 +49,7 @@ async fn broadcast(m: &Manager, id: &str, ttl_ms: u64) -> u32 {
         .await
         .broadcast(BroadCastReq {
             msg_id: id.to_string(),
-            payload: id.as_bytes().to_vec(),
+            payload: id.as_bytes().to_vec().into(),
             ttl_ms,
             ..Default::default()
         })

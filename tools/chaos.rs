@@ -732,7 +732,7 @@ async fn warm_up(shared: &Shared) -> Result<()> {
         let msg_id = format!("warmup-{i}");
         let req = BroadCastReq {
             msg_id: msg_id.clone(),
-            payload: b"warm-up".to_vec(),
+            payload: b"warm-up".to_vec().into(),
             ..Default::default()
         };
         let result = client.broadcast(req).await;
@@ -802,7 +802,7 @@ async fn sender(shared: Arc<Shared>, index: usize) {
                 };
                 BroadCastReq {
                     msg_id: format!("s{index}-{n}"),
-                    payload: format!("chaos {index} {n}").into_bytes(),
+                    payload: format!("chaos {index} {n}").into_bytes().into(),
                     topic: "chaos".into(),
                     ttl_ms,
                     ..Default::default()

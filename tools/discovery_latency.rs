@@ -220,7 +220,7 @@ async fn main() -> Result<()> {
                 tick.tick().await;
                 let req = BroadCastReq {
                     msg_id: format!("lat-{i}"),
-                    payload: b"latency".to_vec(),
+                    payload: b"latency".to_vec().into(),
                     ..Default::default()
                 };
                 let _ = client.broadcast(req).await;

@@ -10,7 +10,6 @@
 //! one fsync ([`CommitHandle::accept_batch`]), and each item's result says what became of
 //! it. A bad item fails alone.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,12 +62,11 @@ pub fn validate(req: BroadCastReq, max_payload_bytes: u64) -> Result<Accept, Rej
             "payload is {size} bytes; max_payload_bytes is {max_payload_bytes}"
         )));
     }
-    // Sorted, so a message's headers are stored and delivered in a stable order.
-    let headers: BTreeMap<String, String> = req.headers.into_iter().collect();
     Ok(Accept {
         msg_id: (!req.msg_id.is_empty()).then_some(req.msg_id),
         topic: req.topic,
-        headers: headers.into_iter().collect(),
+        // A BTreeMap (build.rs): stored and delivered sorted by name, in a stable order.
+        headers: req.headers.into_iter().collect(),
         payload: req.payload,
         ttl_ms: req.ttl_ms,
     })
@@ -259,7 +257,7 @@ mod tests {
     fn req(msg_id: &str, payload: usize) -> BroadCastReq {
         BroadCastReq {
             msg_id: msg_id.into(),
-            payload: vec![7; payload],
+            payload: vec![7; payload].into(),
             ..Default::default()
         }
     }

@@ -454,7 +454,7 @@ mod tests {
                     msg_id: Some(format!("m-{i}")),
                     topic: "t".into(),
                     headers: vec![],
-                    payload: vec![b'x'; 10],
+                    payload: vec![b'x'; 10].into(),
                     ttl_ms: 0,
                 })
                 .await
@@ -542,7 +542,7 @@ mod tests {
             msg_id: Some(id),
             topic: "t".into(),
             headers: vec![],
-            payload: vec![b'y'; 8],
+            payload: vec![b'y'; 8].into(),
             ttl_ms: 0,
         }
     }

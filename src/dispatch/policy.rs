@@ -153,7 +153,7 @@ mod tests {
             msg_id: "a".into(),
             topic: String::new(),
             headers: vec![],
-            payload: vec![1],
+            payload: vec![1].into(),
             accepted_at_ms: 1_000,
             ttl_ms: 0,
         };

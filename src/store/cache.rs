@@ -82,7 +82,7 @@ mod tests {
             msg_id: String::new(),
             topic: String::new(),
             headers: Vec::new(),
-            payload: vec![0; size],
+            payload: vec![0; size].into(),
             accepted_at_ms: 0,
             ttl_ms: 0,
         })

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use super::StoreError;
@@ -52,7 +53,7 @@ pub struct Accept {
     /// Headers passed through to nodes.
     pub headers: Vec<(String, String)>,
     /// The body (non-empty, within the configured limit).
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     /// Time to live; 0 = never expires.
     pub ttl_ms: u64,
 }
@@ -740,7 +741,7 @@ mod limit_tests {
             msg_id: Some(id.to_string()),
             topic: String::new(),
             headers: Vec::new(),
-            payload: vec![7; size],
+            payload: vec![7; size].into(),
             ttl_ms: 0,
         }
     }

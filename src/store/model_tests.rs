@@ -150,7 +150,7 @@ fn run(actions: Vec<Action>) {
                         msg_id: Some(format!("id-{i}")),
                         topic: String::new(),
                         headers: vec![],
-                        payload: vec![*i; 1 + *i as usize],
+                        payload: vec![*i; 1 + *i as usize].into(),
                         ttl_ms: 0,
                     })
                 })));

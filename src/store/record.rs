@@ -13,6 +13,7 @@
 //! position. A change of layout is a new record version plus a migration in `migrations/`.
 
 use bincode::{Decode, Encode};
+use bytes::Bytes;
 
 use super::StoreError;
 
@@ -101,7 +102,11 @@ pub fn decode<T: Decode<()>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> 
 }
 
 /// One accepted broadcast, written once whatever the number of nodes (key `m/<seq>`).
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+///
+/// Its encoding is what `#[derive(Encode, Decode)]` gives the same fields with a `Vec<u8>`
+/// payload (a test holds it to that); the codec is written out only so that the payload is
+/// [`Bytes`], which every node's request shares without a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRecord {
     /// The id it was accepted under (caller's, or assigned by the manager).
     pub msg_id: String,
@@ -110,12 +115,43 @@ pub struct MessageRecord {
     /// Headers passed through to nodes, sorted by name.
     pub headers: Vec<(String, String)>,
     /// The body.
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     /// Acceptance time, milliseconds since the Unix epoch.
     pub accepted_at_ms: u64,
     /// Time to live from acceptance; 0 = never expires.
     pub ttl_ms: u64,
 }
+
+impl Encode for MessageRecord {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.msg_id.encode(encoder)?;
+        self.topic.encode(encoder)?;
+        self.headers.encode(encoder)?;
+        // A slice encodes exactly as a Vec (length, then the bytes).
+        self.payload.as_ref().encode(encoder)?;
+        self.accepted_at_ms.encode(encoder)?;
+        self.ttl_ms.encode(encoder)
+    }
+}
+
+impl<C> Decode<C> for MessageRecord {
+    fn decode<D: bincode::de::Decoder<Context = C>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        Ok(MessageRecord {
+            msg_id: Decode::decode(decoder)?,
+            topic: Decode::decode(decoder)?,
+            headers: Decode::decode(decoder)?,
+            payload: Bytes::from(Vec::<u8>::decode(decoder)?),
+            accepted_at_ms: Decode::decode(decoder)?,
+            ttl_ms: Decode::decode(decoder)?,
+        })
+    }
+}
+bincode::impl_borrow_decode!(MessageRecord);
 
 impl MessageRecord {
     /// When the message stops being deliverable, if it ever does.
@@ -409,6 +445,45 @@ pub struct ArchiveProgress {
 mod tests {
     use super::*;
 
+    /// What `#[derive(Encode, Decode)]` gives [`MessageRecord`]'s fields: the format every
+    /// stored message has, which the hand-written codec must keep.
+    #[derive(Encode, Decode, Debug, PartialEq)]
+    struct DerivedMessage {
+        msg_id: String,
+        topic: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+        accepted_at_ms: u64,
+        ttl_ms: u64,
+    }
+
+    #[test]
+    fn message_codec_is_the_derived_one() {
+        for payload in [vec![1], vec![0xab; 300], vec![7; 70_000]] {
+            let derived = DerivedMessage {
+                msg_id: "m-1".into(),
+                topic: "t".into(),
+                headers: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
+                payload: payload.clone(),
+                accepted_at_ms: 1_700_000_000_123,
+                ttl_ms: 60_000,
+            };
+            let rec = MessageRecord {
+                msg_id: "m-1".into(),
+                topic: "t".into(),
+                headers: derived.headers.clone(),
+                payload: payload.into(),
+                accepted_at_ms: derived.accepted_at_ms,
+                ttl_ms: derived.ttl_ms,
+            };
+            let ours = encode_message(&rec).unwrap();
+            assert_eq!(ours, bincode::encode_to_vec(&derived, config()).unwrap());
+            let (back, used): (MessageRecord, usize) =
+                bincode::decode_from_slice(&ours, config()).unwrap();
+            assert_eq!((back, used), (rec, ours.len()));
+        }
+    }
+
     #[test]
     fn round_trip_and_corruption_is_named() {
         let rec = DedupeRecord {
@@ -456,7 +531,7 @@ mod tests {
             msg_id: id.into(),
             topic: "t".into(),
             headers: vec![("h".into(), "v".into())],
-            payload: vec![7; payload],
+            payload: vec![7; payload].into(),
             accepted_at_ms: 1,
             ttl_ms: 0,
         }

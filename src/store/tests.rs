@@ -15,7 +15,7 @@ fn accept(id: &str, payload: Vec<u8>) -> Accept {
         msg_id: Some(id.to_string()),
         topic: "t".into(),
         headers: vec![("h".into(), "v".into())],
-        payload,
+        payload: payload.into(),
         ttl_ms: 0,
     }
 }
@@ -281,7 +281,7 @@ async fn a_format_1_store_is_migrated_and_its_messages_read_as_packs_of_one() {
             msg_id: format!("old{i}"),
             topic: "t".into(),
             headers: vec![],
-            payload: vec![i as u8; *size],
+            payload: vec![i as u8; *size].into(),
             accepted_at_ms: 1,
             ttl_ms: 0,
         })
@@ -528,7 +528,7 @@ async fn shared_reads_read_ahead_and_a_bad_pack_ahead_fails_only_its_own_reads()
         .unwrap();
 
     let m = store.shared_message(first).unwrap().unwrap();
-    assert_eq!(m.payload, [0]);
+    assert_eq!(m.payload[..], [0]);
     // Read ahead up to the bad pack, the chunked one included.
     for i in 1..4u8 {
         let cached = store.inner.messages.get(first + u64::from(i)).unwrap();
@@ -540,10 +540,13 @@ async fn shared_reads_read_ahead_and_a_bad_pack_ahead_fails_only_its_own_reads()
         assert!(err.contains(&format!("m/{}", first + 9)), "{err}");
     }
     assert_eq!(
-        store.shared_message(first + 10).unwrap().unwrap().payload,
+        store.shared_message(first + 10).unwrap().unwrap().payload[..],
         [10]
     );
-    assert_eq!(store.message(first + 11).unwrap().unwrap().payload, [11]);
+    assert_eq!(
+        store.message(first + 11).unwrap().unwrap().payload[..],
+        [11]
+    );
     assert!(store.shared_message(first + 12).unwrap().is_none());
 }
 
@@ -570,7 +573,7 @@ async fn a_readers_own_read_ahead_outlives_the_shared_cache() {
             .next_message(first, &mut ahead)
             .unwrap()
             .unwrap()
-            .payload,
+            .payload[..],
         [0]
     );
     assert_eq!(ahead.0.len(), 19, "the rest of the pack");
@@ -588,7 +591,7 @@ async fn a_readers_own_read_ahead_outlives_the_shared_cache() {
             .next_message(first + 1, &mut ahead)
             .unwrap()
             .unwrap()
-            .payload,
+            .payload[..],
         [1]
     );
     assert_eq!(
@@ -596,7 +599,7 @@ async fn a_readers_own_read_ahead_outlives_the_shared_cache() {
             .next_message(first + 5, &mut ahead)
             .unwrap()
             .unwrap()
-            .payload,
+            .payload[..],
         [5]
     );
     assert_eq!(ahead.0.len(), 14, "2, 3 and 4 were skipped past");
@@ -605,7 +608,7 @@ async fn a_readers_own_read_ahead_outlives_the_shared_cache() {
             .next_message(last, &mut ahead)
             .unwrap()
             .unwrap()
-            .payload,
+            .payload[..],
         [19]
     );
     assert!(ahead.0.is_empty());

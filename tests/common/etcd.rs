@@ -267,7 +267,7 @@ pub async fn wait_for_node_count(
         let msg_id = format!("probe-{tag}-{}", sent.len());
         let req = BroadCastReq {
             msg_id: msg_id.clone(),
-            payload: b"probe".to_vec(),
+            payload: b"probe".to_vec().into(),
             ..Default::default()
         };
         sent.push(msg_id);

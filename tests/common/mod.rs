@@ -124,7 +124,7 @@ pub async fn send_all(manager: &Manager, ids: &[String], node_count: u32) {
             let mut client = client.clone();
             let req = push_manager::proto::BroadCastReq {
                 msg_id: id.clone(),
-                payload: payload(i, 256),
+                payload: payload(i, 256).into(),
                 ..Default::default()
             };
             async move { (req.msg_id.clone(), client.broadcast(req).await) }

@@ -138,7 +138,7 @@ pub async fn connect(addr: &str, connections: usize) -> Result<Vec<PushServerCli
 /// State shared by the caller tasks.
 struct Shared {
     spec: LoadSpec,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
     stamps: Arc<Stamps>,
     progress: Arc<Progress>,
     expected_nodes: Option<u32>,
@@ -260,7 +260,7 @@ pub async fn run(
     }
     let shared = Arc::new(Shared {
         spec: spec.clone(),
-        payload: vec![b'x'; spec.size],
+        payload: vec![b'x'; spec.size].into(),
         stamps,
         progress,
         expected_nodes,

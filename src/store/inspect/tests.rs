@@ -48,7 +48,7 @@ impl Running {
                 msg_id: Some(id.into()),
                 topic: topic.into(),
                 headers: vec![("h".into(), id.into())],
-                payload: payload.to_vec(),
+                payload: payload.to_vec().into(),
                 ttl_ms: 0,
             })
             .await
@@ -269,7 +269,7 @@ async fn offline_replay_makes_new_messages_for_one_node_and_keeps_payloads_neede
     assert_eq!(ids(&live(&store, "a")), ["m0", "m1", "m2"], "a untouched");
     let replayed = store.message(new_seq).unwrap().unwrap();
     assert_eq!(replayed.msg_id, "m1");
-    assert_eq!(replayed.payload, b"body");
+    assert_eq!(replayed.payload[..], b"body"[..]);
 
     // Invariant 3: once a and b deliver everything but the replay, only the replayed
     // payload is still needed, and it is kept.
@@ -299,7 +299,7 @@ async fn replay_skips_what_cannot_be_delivered() {
             msg_id: Some("short".into()),
             topic: String::new(),
             headers: vec![],
-            payload: vec![1],
+            payload: vec![1].into(),
             ttl_ms: 1,
         })
         .await
@@ -453,8 +453,8 @@ async fn export_import_round_trips_and_importing_twice_queues_nothing_twice() {
         "one record per message, shared by the nodes"
     );
     assert_eq!(
-        live(&target, "a")[2].message.as_ref().unwrap().payload,
-        b"body 2"
+        live(&target, "a")[2].message.as_ref().unwrap().payload[..],
+        b"body 2"[..]
     );
     let report = target.verify(false).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -510,7 +510,7 @@ fn verify_catches_a_sequence_counter_below_what_is_in_use() {
             msg_id: "m".into(),
             topic: String::new(),
             headers: vec![],
-            payload: vec![1],
+            payload: vec![1].into(),
             accepted_at_ms: 1,
             ttl_ms: 0,
         },
