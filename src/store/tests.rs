@@ -20,6 +20,15 @@ fn accept(id: &str, payload: Vec<u8>) -> Accept {
     }
 }
 
+/// Commits `(msg_id, payload)` items as one `accept_batch` call (one round); panics if any
+/// is refused.
+async fn commit_batch(commit: &CommitHandle, items: impl IntoIterator<Item = (String, Vec<u8>)>) {
+    let batch = items.into_iter().map(|(id, p)| accept(&id, p)).collect();
+    for result in commit.accept_batch(batch).await {
+        result.unwrap();
+    }
+}
+
 fn opts() -> CommitOptions {
     CommitOptions {
         durability: Durability::Fsync,
@@ -346,12 +355,7 @@ async fn a_format_1_store_is_migrated_and_its_messages_read_as_packs_of_one() {
     let (tx, _rx) = watch::channel(0);
     let (commit, thread) = Committer::spawn(store.clone(), opts(), tx).unwrap();
     THREADS.with(|t| t.borrow_mut().push(thread));
-    let batch = (0..3)
-        .map(|i| accept(&format!("new{i}"), vec![i]))
-        .collect();
-    for result in commit.accept_batch(batch).await {
-        result.unwrap();
-    }
+    commit_batch(&commit, (0..3).map(|i| (format!("new{i}"), vec![i]))).await;
     commit.stop().await.unwrap();
     assert_eq!(store.message_count(), 6);
     assert_eq!(store.message(4).unwrap().unwrap().msg_id, "new0");
@@ -431,12 +435,7 @@ async fn the_dedupe_index_survives_reopen_and_skips_an_unreadable_round() {
     {
         let (_store, commit, _rx) = setup(dir.path(), &["a", "b"]);
         for r in 0..2 {
-            let batch = (0..3)
-                .map(|i| accept(&format!("r{r}-{i}"), vec![1]))
-                .collect();
-            for result in commit.accept_batch(batch).await {
-                result.unwrap();
-            }
+            commit_batch(&commit, (0..3).map(|i| (format!("r{r}-{i}"), vec![1]))).await;
         }
         commit.stop().await.unwrap();
         join_committers();
@@ -474,12 +473,7 @@ async fn dedupe_expiry_goes_a_round_at_a_time_and_stops_at_its_limit() {
     let (store, commit, _rx) = setup(dir.path(), &["a"]);
     // Three rounds of five: a batch is committed as one round.
     for r in 0..3 {
-        let batch = (0..5)
-            .map(|i| accept(&format!("r{r}-{i}"), vec![1]))
-            .collect();
-        for result in commit.accept_batch(batch).await {
-            result.unwrap();
-        }
+        commit_batch(&commit, (0..5).map(|i| (format!("r{r}-{i}"), vec![1]))).await;
     }
     let everything = now_ms() + 1;
     // The limit is reached inside the second round: that round still goes whole.
@@ -499,19 +493,9 @@ async fn shared_reads_read_ahead_and_a_bad_pack_ahead_fails_only_its_own_reads()
     let big = vec![9u8; 200 * 1024];
     let payload = |i: u8| if i == 3 { big.clone() } else { vec![i] };
     // One round, three packs: 0..=2, 3 alone (over 64 KiB: chunked), 4..=9.
-    let batch = (0..10u8)
-        .map(|i| accept(&format!("m{i}"), payload(i)))
-        .collect();
-    for result in commit.accept_batch(batch).await {
-        result.unwrap();
-    }
+    commit_batch(&commit, (0..10u8).map(|i| (format!("m{i}"), payload(i)))).await;
     // A later round: pack 10..=11.
-    let batch = (10..12u8)
-        .map(|i| accept(&format!("m{i}"), payload(i)))
-        .collect();
-    for result in commit.accept_batch(batch).await {
-        result.unwrap();
-    }
+    commit_batch(&commit, (10..12u8).map(|i| (format!("m{i}"), payload(i)))).await;
     commit.stop().await.unwrap();
     let first = store.dedupe("m0").unwrap().unwrap().seq;
     let heads: Vec<u64> = store
@@ -557,12 +541,7 @@ async fn shared_reads_read_ahead_and_a_bad_pack_ahead_fails_only_its_own_reads()
 async fn a_readers_own_read_ahead_outlives_the_shared_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (store, commit, _rx) = setup(dir.path(), &["a"]);
-    let batch = (0..20u8)
-        .map(|i| accept(&format!("m{i}"), vec![i]))
-        .collect();
-    for result in commit.accept_batch(batch).await {
-        result.unwrap();
-    }
+    commit_batch(&commit, (0..20u8).map(|i| (format!("m{i}"), vec![i]))).await;
     commit.stop().await.unwrap();
     let first = store.dedupe("m0").unwrap().unwrap().seq;
     let last = first + 19;
