@@ -105,9 +105,24 @@ fn unary_run_with_floors_reports_every_figure() {
         "/floors/acked_vs_sled_packed",
         "/floors/acked_vs_echo",
         "/floors/deliveries_vs_echo",
+        "/floors/echo_batch_per_s",
     ] {
         assert!(num(&r, path) > 0.0, "{path} should be positive: {r}");
     }
+    // CPU is counted in 10 ms ticks: a run this short may see none.
+    for path in [
+        "/floors/sled_cpu_us_per_record",
+        "/floors/sled_packed_cpu_us_per_record",
+        "/floors/echo_cpu_us_per_call",
+        "/floors/echo_batch_cpu_us_per_message",
+    ] {
+        assert!(num(&r, path) >= 0.0, "{path} should be a CPU time: {r}");
+    }
+    assert!(
+        r["floors"]["ceiling_acked_per_s"].is_null()
+            || num(&r, "/floors/ceiling_acked_per_s") > 0.0,
+        "{r}"
+    );
 }
 
 #[test]

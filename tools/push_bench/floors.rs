@@ -10,7 +10,12 @@
 //!   them (a round's records concatenated into values of up to `PACK_BYTES`, 16 KiB, one
 //!   insert each).
 //! - **unary echo floor**: an in-process gRPC server whose `Broadcast` answers OK at once,
-//!   driven by the same callers, connections and payload as the product run.
+//!   driven by the same callers, connections and payload as the product run; and the
+//!   **batched echo floor**, the same server's `BroadcastBatch` with 256 messages a call.
+//! - **CPU of each**: the sled floors count their committer thread and sled's own threads
+//!   (not their callers), the echo floors this whole process (callers and server). Every
+//!   accepted message costs at least its accept call, its packed record and one echo message
+//!   per node, so the cores divided by that sum bound what any product can ack here.
 //!
 //! This is the one place outside `src/store` that opens sled: on purpose, since the floor
 //! must not go through the product's store.
@@ -57,6 +62,20 @@ pub struct SledFloor {
     /// Bytes this process caused to be written to disk, per record: the write amplification
     /// of small fsynced rounds on this filesystem, to read the manager's figure against.
     pub disk_bytes_per_record: f64,
+    /// CPU seconds per record of the committer thread and of sled's own threads (its I/O
+    /// pool and log flusher), the callers excluded: what any store built on sled must spend
+    /// per record at least. An understatement if a sled thread ended during the run.
+    pub cpu_per_record_s: f64,
+}
+
+/// What an echo floor measured.
+#[derive(Debug, Clone, Copy)]
+pub struct EchoFloor {
+    /// Messages answered per second.
+    pub per_s: f64,
+    /// CPU seconds per message of this whole process: the callers and the echo server, i.e.
+    /// what carrying one message in such calls costs both ends at least.
+    pub cpu_per_message_s: f64,
 }
 
 /// Measures the sled group-commit floor: `records` records of `size` bytes from `callers`
@@ -77,10 +96,13 @@ pub async fn sled_commit(
     let result = sled_commit_in(&db_dir, records, size, callers, layout).await;
     let after = procstats::sample(std::process::id());
     let _ = std::fs::remove_dir_all(&db_dir);
+    let (per_s, cpu_seconds) = result?;
+    let records = records.max(1) as f64;
     Ok(SledFloor {
-        per_s: result?,
+        per_s,
         disk_bytes_per_record: after.write_bytes.saturating_sub(before.write_bytes) as f64
-            / records.max(1) as f64,
+            / records,
+        cpu_per_record_s: cpu_seconds / records,
     })
 }
 
@@ -90,7 +112,7 @@ async fn sled_commit_in(
     size: usize,
     callers: usize,
     layout: Layout,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let db = sled::Config::new()
         .path(db_dir)
         .segment_size(SEGMENT_SIZE)
@@ -103,9 +125,13 @@ async fn sled_commit_in(
         .with_context(|| format!("opening sled's log {}", log_path.display()))?;
     let (tx, rx) = mpsc::channel::<Submission>();
     // The committer: a plain thread, like a dedicated committer task, so the callers' runtime
-    // never blocks on fsync.
-    let committer = std::thread::spawn(move || -> Result<u64> {
-        let mut rounds = 0u64;
+    // never blocks on fsync. It returns the CPU seconds it and sled's threads used.
+    let committer = std::thread::spawn(move || -> Result<f64> {
+        let sled_threads = || {
+            procstats::threads_cpu_seconds("sled-io")
+                + procstats::threads_cpu_seconds("log flusher")
+        };
+        let (own_before, sled_before) = (procstats::thread_cpu_seconds(), sled_threads());
         while let Ok(first) = rx.recv() {
             let mut round = vec![first];
             while let Ok(more) = rx.try_recv() {
@@ -132,12 +158,11 @@ async fn sled_commit_in(
             }
             db.flush().context("sled flush (floor)")?;
             log.sync_data().context("fdatasync of sled's log (floor)")?;
-            rounds += 1;
             for (_, _, done) in round {
                 let _ = done.send(());
             }
         }
-        Ok(rounds)
+        Ok(procstats::thread_cpu_seconds() - own_before + sled_threads() - sled_before)
     });
     let next = Arc::new(AtomicUsize::new(0));
     let payload = vec![b'x'; size];
@@ -171,14 +196,13 @@ async fn sled_commit_in(
     }
     let elapsed = started.elapsed();
     // Every sender is gone now, so the committer's loop ends.
-    let committed = committer
+    let cpu_seconds = committer
         .join()
-        .map_err(|_| anyhow!("the floor's committer panicked"))?;
-    committed?;
+        .map_err(|_| anyhow!("the floor's committer panicked"))??;
     if let Some(e) = caller_error {
         return Err(e);
     }
-    Ok(records as f64 / elapsed.as_secs_f64())
+    Ok((records as f64 / elapsed.as_secs_f64(), cpu_seconds))
 }
 
 /// A `PushServer` that does nothing: every call is answered OK at once.
@@ -219,13 +243,21 @@ impl PushServer for Echo {
     }
 }
 
-/// Measures the unary echo floor: `calls` unary calls of `size` bytes from `callers`
-/// callers over `connections` connections to an echo server on 127.0.0.1. Returns calls/s.
+/// Measures an echo floor: `messages` messages of `size` bytes, `batch` per call (1: unary
+/// `Broadcast`, more: `BroadcastBatch`), from `callers` callers over `connections`
+/// connections to an echo server on 127.0.0.1.
 ///
 /// The server runs on its own two-thread runtime, as a separate server process would, so it
 /// does not share the callers' worker threads (it does share the machine's cores, as the
 /// manager does in the product run).
-pub async fn echo(calls: usize, size: usize, callers: usize, connections: usize) -> Result<f64> {
+pub async fn echo(
+    messages: usize,
+    size: usize,
+    batch: usize,
+    callers: usize,
+    connections: usize,
+) -> Result<EchoFloor> {
+    let cpu_before = procstats::sample(std::process::id()).cpu_seconds;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -256,22 +288,26 @@ pub async fn echo(calls: usize, size: usize, callers: usize, connections: usize)
     let result = async {
         let clients = load::connect(&addr.to_string(), connections).await?;
         let spec = LoadSpec {
-            messages: calls,
+            messages,
             size,
             concurrency: callers,
-            batch: 1,
+            batch,
             rate: None,
             prefix: "echo-".to_string(),
         };
         let run = load::run(
             &clients,
             &spec,
-            Arc::new(Stamps::new(calls)),
+            Arc::new(Stamps::new(messages)),
             Arc::new(Progress::default()),
             None,
         )
         .await?;
-        Ok::<f64, anyhow::Error>(run.acked as f64 / run.elapsed.as_secs_f64())
+        let cpu = procstats::sample(std::process::id()).cpu_seconds - cpu_before;
+        Ok::<EchoFloor, anyhow::Error>(EchoFloor {
+            per_s: run.acked as f64 / run.elapsed.as_secs_f64(),
+            cpu_per_message_s: cpu / run.acked.max(1) as f64,
+        })
     }
     .await;
     let _ = stop_tx.send(());

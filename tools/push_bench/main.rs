@@ -698,17 +698,36 @@ async fn run(s: &Settings, work: &Path) -> Result<Report> {
         }
         _ => None,
     };
-    let floors = floors.map(|(sled, packed, echo, n)| Floors {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let floors = floors.map(|(sled, packed, echo, echo_batch, n)| Floors {
         messages: n,
         sled_commit_per_s: sled.per_s,
         sled_disk_bytes_per_record: sled.disk_bytes_per_record,
         sled_packed_per_s: packed.per_s,
         sled_packed_disk_bytes_per_record: packed.disk_bytes_per_record,
-        echo_per_s: echo,
+        echo_per_s: echo.per_s,
+        echo_batch_per_s: echo_batch.per_s,
+        sled_cpu_us_per_record: sled.cpu_per_record_s * 1e6,
+        sled_packed_cpu_us_per_record: packed.cpu_per_record_s * 1e6,
+        echo_cpu_us_per_call: echo.cpu_per_message_s * 1e6,
+        echo_batch_cpu_us_per_message: echo_batch.cpu_per_message_s * 1e6,
+        ceiling_acked_per_s: {
+            let call = |unary: bool| {
+                if unary {
+                    echo.cpu_per_message_s
+                } else {
+                    echo_batch.cpu_per_message_s
+                }
+            };
+            let per_message =
+                call(s.batch <= 1) + packed.cpu_per_record_s + s.nodes as f64 * call(s.unary_only);
+            // Too short a run to see a 10 ms CPU tick: no ceiling.
+            (per_message > 0.0).then(|| cores / per_message)
+        },
         acked_vs_sled: acked_per_s / sled.per_s,
         acked_vs_sled_packed: acked_per_s / packed.per_s,
-        acked_vs_echo: acked_per_s / echo,
-        deliveries_vs_echo: deliveries_per_s.map(|d| d / echo),
+        acked_vs_echo: acked_per_s / echo.per_s,
+        deliveries_vs_echo: deliveries_per_s.map(|d| d / echo.per_s),
     });
     Ok(Report {
         profile: s.profile.map(|p| p.name().to_string()),
@@ -755,8 +774,21 @@ fn stall_limit(s: &Settings) -> Duration {
 /// Echo-floor callers for a batched run: the ack profile's.
 const ECHO_CALLERS_BATCHED: usize = 256;
 
-/// What the floors measured: sled per message, sled packed, echo calls/s, records each.
-type Measured = (floors::SledFloor, floors::SledFloor, f64, usize);
+/// What the floors measured: sled per message, sled packed, unary echo, batched echo,
+/// records each.
+type Measured = (
+    floors::SledFloor,
+    floors::SledFloor,
+    floors::EchoFloor,
+    floors::EchoFloor,
+    usize,
+);
+
+/// Messages per call of the batched echo floor: the most a delivery call carries by default
+/// (`--delivery-batch`), so its CPU per message is the least a batched message costs.
+const ECHO_BATCH: usize = 256;
+/// Callers of the batched echo floor.
+const ECHO_BATCH_CALLERS: usize = 8;
 
 /// Runs every floor.
 async fn measure_floors(s: &Settings, work: &Path) -> Result<Measured> {
@@ -779,13 +811,22 @@ async fn measure_floors(s: &Settings, work: &Path) -> Result<Measured> {
     .await
     .context("measuring the packed sled commit floor")?;
     let echo_callers = records_in_flight.min(ECHO_CALLERS_BATCHED);
-    let echo = floors::echo(s.floor_messages, s.size, echo_callers, s.connections)
+    let echo = floors::echo(s.floor_messages, s.size, 1, echo_callers, s.connections)
         .await
         .context("measuring the unary echo floor")?;
+    let echo_batch = floors::echo(
+        s.floor_messages,
+        s.size,
+        ECHO_BATCH,
+        ECHO_BATCH_CALLERS,
+        s.connections,
+    )
+    .await
+    .context("measuring the batched echo floor")?;
     if s.progress {
         let _ = write!(std::io::stderr(), "\r\x1b[K");
     }
-    Ok((per_message, packed, echo, s.floor_messages))
+    Ok((per_message, packed, echo, echo_batch, s.floor_messages))
 }
 
 /// A free loopback port below the kernel's ephemeral range, for a node that must bind it

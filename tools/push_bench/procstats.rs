@@ -22,17 +22,10 @@ const TICKS_PER_SECOND: f64 = 100.0;
 
 /// Samples `pid`'s counters.
 pub fn sample(pid: u32) -> ProcStats {
-    let mut s = ProcStats::default();
-    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The command name (field 2) may contain spaces and parentheses: fields are counted
-        // after its closing ") ".
-        if let Some((_, rest)) = stat.rsplit_once(") ") {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-            s.cpu_seconds = (ticks(11) + ticks(12)) / TICKS_PER_SECOND;
-        }
-    }
+    let mut s = ProcStats {
+        cpu_seconds: cpu_seconds_at(&format!("/proc/{pid}/stat")),
+        ..ProcStats::default()
+    };
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
         let kib = |v: &str| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
         for line in status.lines() {
@@ -51,4 +44,53 @@ pub fn sample(pid: u32) -> ProcStats {
         }
     }
     s
+}
+
+/// User plus system CPU seconds in a `stat` file of `/proc` (0 if it cannot be read).
+fn cpu_seconds_at(path: &str) -> f64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|stat| Some(cpu_seconds_of(parse_stat(&stat)?.1)))
+        .unwrap_or(0.0)
+}
+
+/// A `stat` line's command name and the fields after it. The name (field 2) may contain
+/// spaces and parentheses: it ends at the last ") ".
+fn parse_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let (_, name) = head.split_once(" (")?;
+    Some((name, rest.split_whitespace().collect()))
+}
+
+/// utime plus stime, fields 14 and 15 of the whole line: 11 and 12 after the name.
+fn cpu_seconds_of(fields: Vec<&str>) -> f64 {
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / TICKS_PER_SECOND
+}
+
+/// CPU seconds the calling thread has used so far.
+pub fn thread_cpu_seconds() -> f64 {
+    cpu_seconds_at("/proc/thread-self/stat")
+}
+
+/// CPU seconds used so far by this process's live threads whose name starts with `prefix`.
+/// A thread that has ended no longer counts, so a difference of two readings can only
+/// understate what such threads used in between.
+pub fn threads_cpu_seconds(prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let (name, fields) = parse_stat(&stat)?;
+            name.starts_with(prefix).then(|| cpu_seconds_of(fields))
+        })
+        .sum()
 }

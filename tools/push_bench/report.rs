@@ -64,6 +64,22 @@ pub struct Floors {
     pub sled_packed_disk_bytes_per_record: f64,
     /// Unary gRPC calls/s to a server that answers OK at once.
     pub echo_per_s: f64,
+    /// Messages/s in `BroadcastBatch` calls of 256 to the same server.
+    pub echo_batch_per_s: f64,
+    /// CPU µs per record of the sled floor's committer and sled's threads (callers excluded).
+    pub sled_cpu_us_per_record: f64,
+    /// The same for the packed sled floor.
+    pub sled_packed_cpu_us_per_record: f64,
+    /// CPU µs per unary echo call, both ends (callers and server).
+    pub echo_cpu_us_per_call: f64,
+    /// CPU µs per message of the batched echo floor, both ends.
+    pub echo_batch_cpu_us_per_message: f64,
+    /// The most acked/s this run's shape can reach on this machine's cores, from the CPU the
+    /// floors need: each message costs at least its accept call (unary or batched echo), its
+    /// packed sled record, and one echo message per node (unary or batched, as the nodes
+    /// take them). A ceiling: the product's own work comes on top. `None` when the floors
+    /// were too short to measure any CPU (Linux counts it in 10 ms ticks).
+    pub ceiling_acked_per_s: Option<f64>,
     /// acked/s ÷ sled floor.
     pub acked_vs_sled: f64,
     /// acked/s ÷ packed sled floor.
@@ -277,6 +293,23 @@ impl Report {
                 write!(out, "; delivered = {d:.2} x echo")?;
             }
             writeln!(out)?;
+            write!(
+                out,
+                "  CPU        sled {:.1} us/record, packed {:.1}; echo {:.1} us/call, batched {:.1} us/message ({:.0} /s), both ends",
+                f.sled_cpu_us_per_record,
+                f.sled_packed_cpu_us_per_record,
+                f.echo_cpu_us_per_call,
+                f.echo_batch_cpu_us_per_message,
+                f.echo_batch_per_s,
+            )?;
+            match f.ceiling_acked_per_s {
+                Some(c) => writeln!(
+                    out,
+                    ": this shape can ack at most {c:.0} /s on these cores ({:.2} x echo)",
+                    c / f.echo_per_s
+                )?,
+                None => writeln!(out, " (too short to bound acked/s)")?,
+            }
         }
         if let Some(b) = &self.backlog {
             writeln!(
