@@ -36,6 +36,7 @@ pub mod demo;
 pub mod discovery;
 pub mod dispatch;
 pub mod harness;
+pub mod malloc;
 pub mod metrics;
 pub mod report;
 pub mod server;

@@ -53,38 +53,8 @@ fn init_logging(default: &str, format: config::LogFormat) {
     }
 }
 
-fn main() -> ExitCode {
-    fix_mmap_threshold();
-    run()
-}
-
-/// Keeps glibc malloc's mmap threshold at its initial 128 KiB instead of letting it climb.
-///
-/// glibc raises the threshold to the size of every mmapped block that is freed (up to
-/// 32 MiB), so once sled frees its first 8 MiB log buffer, later log buffers and everything
-/// else below 8 MiB come from the heap arenas, where freed blocks stay resident between
-/// small long-lived ones. Measured with `push-bench --profile backlog` (1,000,000 messages
-/// queued for an offline node, then drained; 3 A/B pairs, BENCHMARKS.md): resident with them
-/// queued 216–235 → 164–171 MiB, at the drain's peak 460–554 → 304–321 MiB. The price is the
-/// page faults of a fresh buffer each time: 9–17% more CPU in `backlog` and `fanout10`.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn fix_mmap_threshold() {
-    // SAFETY: `mallopt` takes malloc's own lock to set one parameter; no pointer is passed
-    // and nothing is allocated or freed. It runs before the runtime starts any thread.
-    let set = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
-    if set != 1 {
-        eprintln!("push-manager: warning: mallopt(M_MMAP_THRESHOLD) failed; memory may stay high after bursts");
-    }
-}
-
-/// Other C libraries do not raise their threshold this way (and have no `mallopt`).
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn fix_mmap_threshold() {}
-
-/// Parses the command line and runs the subcommand on a multi-threaded runtime.
 #[tokio::main]
-async fn run() -> ExitCode {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(args) => {

@@ -369,6 +369,8 @@ async fn run_once<F: Future<Output = ()>>(
             .map_err(|e| ServerError::Config(format!("queue count task failed: {e}")))?
             .map_err(store_err)?;
     }
+    // Only now: recovery and the queue count read the whole store (see `crate::malloc`).
+    crate::malloc::fix_mmap_threshold();
 
     let (committed_tx, committed_rx) = watch::channel(0);
     let (commit, committer_thread) = Committer::spawn_with_limits(
