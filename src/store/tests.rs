@@ -190,6 +190,49 @@ async fn payload_is_kept_until_every_node_is_done() {
     assert_eq!(store.message_count(), 0);
 }
 
+/// While rounds keep coming, the committer reclaims in small steps between them (each step
+/// stalls the acks waiting on it): 600 delivered payloads, one record each, go a step at a
+/// time, and nothing undelivered goes with them.
+#[tokio::test]
+async fn delivered_payloads_are_reclaimed_in_steps_while_accepts_keep_coming() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, commit, _) = setup(dir.path(), &["a"]);
+    // Over a pack's 16 KiB: each message is a record of its own.
+    let big = vec![3; record::PACK_BYTES + 1];
+    commit_batch(&commit, (0..600).map(|i| (format!("old{i}"), big.clone()))).await;
+    finish_all(&store, "a");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (mut newer, mut old_left) = (0, 600);
+    let mut seen = std::time::Instant::now();
+    while old_left > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{old_left} delivered payloads still stored after 20 s of accepts"
+        );
+        commit
+            .accept(accept(&format!("new{newer}"), vec![1; 10]))
+            .await
+            .unwrap();
+        newer += 1;
+        let left = store.message_count();
+        assert!(
+            left >= newer,
+            "an undelivered message was reclaimed: {left} < {newer}"
+        );
+        // Passes while rounds run are at least 20 ms apart and take at most 128 records.
+        let passes = seen.elapsed().as_millis() as usize / 20 + 1;
+        let step = old_left - (left - newer);
+        assert!(
+            step <= passes * 128,
+            "{step} payloads went in {:?}, between two accepts",
+            seen.elapsed()
+        );
+        seen = std::time::Instant::now();
+        old_left = left - newer;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn dead_letters_keep_a_full_copy() {
     let dir = tempfile::tempdir().unwrap();
