@@ -723,9 +723,11 @@ impl Committer {
     }
 
     /// Reclaims payloads below the low-water mark and expires dedupe entries, in steps that
-    /// start at [`HOUSEKEEPING_STEP_UNDER_LOAD`] while rounds run, else [`HOUSEKEEPING_LIMIT`]. The sync between reading the mark and deleting below it is what invariant 3
-    /// relies on: the queue progress the mark was read from is durable before any payload it
-    /// frees is gone. One sync serves every pass until what it freed is all deleted.
+    /// start at [`HOUSEKEEPING_STEP_UNDER_LOAD`] while rounds run, else of
+    /// [`HOUSEKEEPING_LIMIT`]. The sync between reading the mark and deleting below it is
+    /// what invariant 3 relies on: the queue progress the mark was read from is durable
+    /// before any payload it frees is gone. One sync serves every pass until what it freed
+    /// is all deleted.
     fn housekeeping(&mut self) {
         self.measure_store();
         let idle = self.last_round.elapsed() >= IDLE_AFTER;

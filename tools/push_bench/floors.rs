@@ -162,7 +162,9 @@ async fn sled_commit_in(
                 let _ = done.send(());
             }
         }
-        Ok(procstats::thread_cpu_seconds() - own_before + sled_threads() - sled_before)
+        // A sled thread that ended took its CPU time with it: never below zero.
+        let sled = (sled_threads() - sled_before).max(0.0);
+        Ok(procstats::thread_cpu_seconds() - own_before + sled)
     });
     let next = Arc::new(AtomicUsize::new(0));
     let payload = vec![b'x'; size];
