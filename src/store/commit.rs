@@ -273,9 +273,8 @@ pub struct Committer {
     next_housekeeping: Instant,
     /// When the last round ended (housekeeping takes smaller steps while rounds run).
     last_round: Instant,
-    /// The next pass's limit while rounds run (see [`HOUSEKEEPING_STEP_UNDER_LOAD`]).
-    step_under_load: usize,
-    /// Passes in a row, while rounds run, that stopped at their limit.
+    /// Passes in a row, while rounds run, that stopped at their limit (they set the next
+    /// pass's limit, see [`HOUSEKEEPING_STEP_UNDER_LOAD`]).
     behind_passes: u32,
     /// Message records below this sequence are already reclaimed.
     reclaimed_below: u64,
@@ -349,7 +348,6 @@ impl Committer {
             id_counter: 0,
             next_housekeeping: Instant::now(),
             last_round: Instant::now(),
-            step_under_load: HOUSEKEEPING_STEP_UNDER_LOAD,
             behind_passes: 0,
             reclaimed_below: 0,
             deletable_below: 0,
@@ -734,7 +732,8 @@ impl Committer {
         let step = if idle {
             HOUSEKEEPING_LIMIT
         } else {
-            self.step_under_load
+            let doublings = (self.behind_passes / GROW_AFTER).min(usize::BITS / 2);
+            (HOUSEKEEPING_STEP_UNDER_LOAD << doublings).min(HOUSEKEEPING_LIMIT)
         };
         // Whether a step stopped at its limit, with work left for the next pass.
         let result = (|| -> Result<bool, StoreError> {
@@ -765,11 +764,6 @@ impl Committer {
             Ok(true) if !idle => self.behind_passes + 1,
             _ => 0,
         };
-        if self.behind_passes == 0 {
-            self.step_under_load = HOUSEKEEPING_STEP_UNDER_LOAD;
-        } else if self.behind_passes.is_multiple_of(GROW_AFTER) {
-            self.step_under_load = (self.step_under_load * 2).min(HOUSEKEEPING_LIMIT);
-        }
         let next = match result {
             Ok(true) => HOUSEKEEPING_BEHIND,
             Ok(false) => HOUSEKEEPING_EVERY,
