@@ -7,10 +7,12 @@
 //! the round's callers and wakes the delivery workers. Callers that arrive while a round is syncing form
 //! the next round, so the fsync rate, not the caller count, bounds the round rate.
 //!
-//! The committer is the only writer of new messages, the only caller of `flush()` besides
-//! sled's own flusher (concurrent `flush_async()` calls hang in sled 0.34.7, sled#1308), and
-//! runs the housekeeping that must be ordered with syncs: payload reclamation below the
-//! low-water mark and dedupe expiry.
+//! The committer is the only writer of new messages and the only caller of `flush()` besides
+//! sled's own flusher (concurrent `flush_async()` calls hang in sled 0.34.7, sled#1308). So
+//! it also runs the housekeeping step that must be ordered with a sync: every
+//! [`HOUSEKEEPING_EVERY`] it reads the low-water mark and, once a sync has covered what the
+//! mark was read from, hands it to the [`Reclaimer`] thread, which deletes the payloads
+//! below it (and expires dedupe entries) beside the rounds instead of between them.
 //!
 //! **Cancellation safety**: [`CommitHandle::accept`] hands the request to the thread before
 //! its first await. If the caller's future is dropped (the client went away), the round
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
+use super::reclaim::Reclaimer;
 use super::StoreError;
 use super::{keys, now_ms, record, DedupeRound, Durability, MessageRecord, RangeRecord, Store};
 use crate::metrics::Metrics;
@@ -34,26 +37,9 @@ pub const MAX_ROUND: usize = 4096;
 /// carries at most 1,000 items). A batch always fits in one round whole: the committer stops
 /// taking requests into a round once fewer than this many slots are left.
 pub const MAX_BATCH: usize = 1000;
-/// How often housekeeping runs (payload reclamation, dedupe expiry) when it is keeping up.
+/// How often the committer reads the low-water mark (and the store's size, for the disk
+/// quota) between rounds: a delivered payload stays stored about this long at most.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(200);
-/// How soon the next pass runs when the last one stopped at its limit (work left over).
-const HOUSEKEEPING_BEHIND: Duration = Duration::from_millis(10);
-/// Most message records, and most dedupe entries, removed per housekeeping pass once no
-/// round has run for [`IDLE_AFTER`]; passes come faster when behind, up to 100 a second.
-const HOUSEKEEPING_LIMIT: usize = 2_000;
-/// The same while rounds run, as long as passes keep up; every [`GROW_AFTER`] passes in a row
-/// that stop at their limit double it (up to [`HOUSEKEEPING_LIMIT`]), so reclamation cannot
-/// fall behind for good under a steady load. A pass runs on the committer thread, so what it
-/// removes stalls every ack waiting meanwhile: 64 deletes take 5–7 ms (sled reads back from
-/// disk each leaf it rewrites, 16 packs of up to 16 KiB), and passes of up to 2,000 held acks
-/// up by 6–15 ms every 200 ms at half load (`ack-batch --rate 23000`). Smaller steps were
-/// worse: the leaf reads are paid per pass whatever the step (16 every 4 ms: unary half-load
-/// ack p99 13–14 ms, against 9 with 64 every 10 ms).
-const HOUSEKEEPING_STEP_UNDER_LOAD: usize = 64;
-/// See [`HOUSEKEEPING_STEP_UNDER_LOAD`]: 100 ms of passes that could not catch up.
-const GROW_AFTER: u32 = 10;
-/// How long without a round before housekeeping takes [`HOUSEKEEPING_LIMIT`] steps.
-const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// A validated broadcast, ready to be made durable.
 #[derive(Debug, Clone)]
@@ -232,7 +218,7 @@ pub struct CommitOptions {
 ///   moves in steps; whenever it changes, the count starts again from it;
 /// - plus the estimated bytes of every round accepted since that measurement whose
 ///   messages are not yet reclaimed (a round stops counting once every node has finished
-///   it and housekeeping deleted its payloads);
+///   it and the reclaimer deleted its payloads);
 /// - plus, for the round being built, the encoded size of every record it would add (keys
 ///   and values, with [`RECORD_OVERHEAD`] per record: each message and its dedupe entry,
 ///   and once per round a range record per node, the round index and the sequence
@@ -271,18 +257,13 @@ pub struct Committer {
     id_counter: u64,
     /// When the next housekeeping pass is due.
     next_housekeeping: Instant,
-    /// When the last round ended (housekeeping takes smaller steps while rounds run).
-    last_round: Instant,
-    /// Passes in a row, while rounds run, that stopped at their limit (they set the next
-    /// pass's limit, see [`HOUSEKEEPING_STEP_UNDER_LOAD`]).
-    behind_passes: u32,
-    /// Message records below this sequence are already reclaimed.
-    reclaimed_below: u64,
-    /// Message records below this sequence may be deleted without another sync: a
-    /// low-water mark read before a sync (invariant 3). At least `reclaimed_below`. It can
-    /// be kept from pass to pass because the mark never goes down: nothing refers to a
-    /// sequence below it again (replays queue copies at new sequences).
+    /// The last low-water mark handed to the reclaimer: one read before a sync (invariant
+    /// 3). The mark never goes down (nothing refers to a sequence below it again: replays
+    /// queue copies at new sequences), so a pass that reads no higher one neither syncs nor
+    /// hands anything over.
     deletable_below: u64,
+    /// Deletes the message records below `deletable_below`, beside the rounds.
+    reclaimer: Reclaimer,
     /// Queue depths, broadcast results and commit rounds (see [`crate::metrics`]).
     metrics: Arc<Metrics>,
     /// Disk quota and per-node pending limit.
@@ -334,6 +315,7 @@ impl Committer {
         // Before the manager serves: the first round's lookups would otherwise load it.
         store.load_dedupe()?;
         committed.send_replace(next_seq - 1);
+        let reclaimer = Reclaimer::spawn(store.clone(), opts.dedupe_window)?;
         store
             .inner
             .committer_running
@@ -347,10 +329,8 @@ impl Committer {
             id_prefix: format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff),
             id_counter: 0,
             next_housekeeping: Instant::now(),
-            last_round: Instant::now(),
-            behind_passes: 0,
-            reclaimed_below: 0,
             deletable_below: 0,
+            reclaimer,
             metrics,
             limits,
             store_bytes,
@@ -409,13 +389,14 @@ impl Committer {
             }
             if !accepts.is_empty() {
                 self.round(accepts);
-                self.last_round = Instant::now();
             }
             if let Some(job) = replay {
                 self.replay(*job);
             }
             if let Some(tx) = stop {
                 let result = self.store.sync().map_err(|e| e.to_string());
+                // Before the answer: whoever stopped the committer may reopen the store.
+                self.reclaimer.stop();
                 let _ = tx.send(result);
                 return;
             }
@@ -720,59 +701,27 @@ impl Committer {
         }
     }
 
-    /// Reclaims payloads below the low-water mark and expires dedupe entries, in steps that
-    /// start at [`HOUSEKEEPING_STEP_UNDER_LOAD`] while rounds run, else of
-    /// [`HOUSEKEEPING_LIMIT`]. The sync between reading the mark and deleting below it is
-    /// what invariant 3 relies on: the queue progress the mark was read from is durable
-    /// before any payload it frees is gone. One sync serves every pass until what it freed
-    /// is all deleted.
+    /// Refreshes the disk quota's count and hands the reclaimer a higher low-water mark,
+    /// if there is one. The sync between reading the mark and handing it over is what
+    /// invariant 3 relies on: the queue progress the mark was read from is durable before
+    /// any payload it frees is gone. It costs one sync per higher mark, at most one per
+    /// pass.
     fn housekeeping(&mut self) {
         self.measure_store();
-        let idle = self.last_round.elapsed() >= IDLE_AFTER;
-        let step = if idle {
-            HOUSEKEEPING_LIMIT
-        } else {
-            let doublings = (self.behind_passes / GROW_AFTER).min(usize::BITS / 2);
-            (HOUSEKEEPING_STEP_UNDER_LOAD << doublings).min(HOUSEKEEPING_LIMIT)
-        };
-        // Whether a step stopped at its limit, with work left for the next pass.
-        let result = (|| -> Result<bool, StoreError> {
-            let mut behind = false;
-            if self.deletable_below <= self.reclaimed_below {
-                let lwm = self.store.low_water_mark(self.next_seq)?;
-                if lwm > self.reclaimed_below {
-                    self.store.sync()?;
-                    self.deletable_below = lwm;
-                }
+        self.forget_reclaimed(self.reclaimer.reclaimed_below());
+        let handed = (|| -> Result<(), StoreError> {
+            let lwm = self.store.low_water_mark(self.next_seq)?;
+            if lwm > self.deletable_below {
+                self.store.sync()?;
+                self.deletable_below = lwm;
+                self.reclaimer.reclaim_below(lwm);
             }
-            if self.deletable_below > self.reclaimed_below {
-                let n = self
-                    .store
-                    .delete_messages_below(self.deletable_below, step)?;
-                if n < step {
-                    self.reclaimed_below = self.deletable_below;
-                    self.forget_reclaimed(self.deletable_below);
-                } else {
-                    behind = true;
-                }
-            }
-            let cutoff = now_ms().saturating_sub(self.opts.dedupe_window.as_millis() as u64);
-            behind |= self.store.expire_dedupe(cutoff, step)? >= step;
-            Ok(behind)
+            Ok(())
         })();
-        self.behind_passes = match result {
-            Ok(true) if !idle => self.behind_passes + 1,
-            _ => 0,
-        };
-        let next = match result {
-            Ok(true) => HOUSEKEEPING_BEHIND,
-            Ok(false) => HOUSEKEEPING_EVERY,
-            Err(e) => {
-                tracing::warn!(error = %e, "store housekeeping failed; will retry");
-                HOUSEKEEPING_EVERY
-            }
-        };
-        self.next_housekeeping = Instant::now() + next;
+        if let Err(e) = handed {
+            tracing::warn!(error = %e, "reading the low-water mark failed; will retry");
+        }
+        self.next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
     }
 }
 

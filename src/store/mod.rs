@@ -59,6 +59,7 @@ pub mod keys;
 pub mod migrate;
 #[cfg(test)]
 mod model_tests;
+mod reclaim;
 pub mod record;
 #[cfg(test)]
 mod tests;
@@ -1068,28 +1069,29 @@ impl Store {
     }
 
     /// Deletes message records with a sequence below `lwm`, at most `limit` per call.
-    /// Callers must have synced the state `lwm` was computed from (invariant 3).
+    /// Callers must have synced the state `lwm` was computed from (invariant 3). One remove
+    /// per record, not a batch: a batch holds the tree's write lock while it applies, and
+    /// the reclaimer runs this beside commit rounds ([`reclaim`]). Nothing needs the
+    /// removes to be atomic: a record left over is removed by the next call.
     pub(crate) fn delete_messages_below(
         &self,
         lwm: u64,
         limit: usize,
     ) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for item in self
+        let gone = self
             .tree()
             .range(keys::MESSAGES.to_vec()..keys::message(lwm))
             .keys()
             .take(limit)
-        {
-            batch.remove(item.map_err(|e| StoreError::sled("scanning messages", e))?);
-            n += 1;
-        }
-        if n > 0 {
-            self.apply(batch, "deleting delivered messages")?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::sled("scanning messages", e))?;
+        for key in &gone {
+            self.tree().remove(key).map_err(|e| {
+                self.note_failure(StoreError::sled("deleting delivered messages", e))
+            })?;
         }
         self.inner.messages.forget_below(lwm);
-        Ok(n)
+        Ok(gone.len())
     }
 
     /// Number of readable messages stored (for tests and tools; decodes every pack).
