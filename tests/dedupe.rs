@@ -1,7 +1,7 @@
 //! The dedupe window (`--dedupe-window 1s`): a duplicate within the window answers
 //! `duplicate = true`; after it the same msg_id is accepted anew; expired dedupe entries
-//! are removed from the store in the background (the committer's housekeeping, through the
-//! round index, without scanning the dedupe keyspace).
+//! are removed from the store in the background (the reclaimer thread, through the round
+//! index, without scanning the dedupe keyspace).
 
 // Test code: a panic is a failed test with its message (see clippy.toml).
 #![allow(clippy::unwrap_used)]
@@ -15,8 +15,8 @@ use push_manager::proto::{BroadCastReply, BroadCastReq};
 use push_manager::store::Store;
 
 const WINDOW: Duration = Duration::from_secs(1);
-/// The committer's housekeeping runs about once a second: an expired entry is gone at most
-/// one period (plus the pass itself) after the window ends. Twice that, for slow machines.
+/// The reclaimer looks for expired entries every 200 ms: an expired entry is gone at most
+/// one period (plus the pass itself) after the window ends; 2 s leaves ten, for slow machines.
 const HOUSEKEEPING_BOUND: Duration = Duration::from_secs(2);
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -70,8 +70,8 @@ async fn a_msg_id_is_a_duplicate_within_the_window_only_and_old_entries_are_remo
     })
     .await;
 
-    // Housekeeping removes the expired entries by itself.
-    wait_until("housekeeping has had its chance", CONVERGE, || {
+    // The reclaimer removes the expired entries by itself.
+    wait_until("the reclaimer has had its chance", CONVERGE, || {
         last_old.elapsed() > WINDOW + HOUSEKEEPING_BOUND
     })
     .await;
