@@ -12,7 +12,8 @@
 //! 4. **Deliver** ([`dispatch`]): one worker per node reads its queue in order and calls
 //!    `Broadcast` on the node, with a window of sends in flight and exponential backoff.
 //! 5. **Delete**: an entry is finished when the node answers OK (or is dead-lettered after
-//!    `max_attempts` permanent refusals); a payload is reclaimed once no queue needs it.
+//!    `max_attempts` permanent refusals); a payload is reclaimed once no queue needs it,
+//!    by the store's reclaimer thread, below a low-water mark the committer synced first.
 //!
 //! Membership comes from etcd ([`discovery`]: watch plus resync) merged with static
 //! configuration ([`config`]); known nodes are persisted so a restart resumes every queue
