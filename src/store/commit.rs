@@ -9,10 +9,10 @@
 //!
 //! The committer is the only writer of new messages and the only caller of `flush()` besides
 //! sled's own flusher (concurrent `flush_async()` calls hang in sled 0.34.7, sled#1308). So
-//! it also runs the housekeeping step that must be ordered with a sync: every
-//! [`HOUSEKEEPING_EVERY`] it reads the low-water mark and, once a sync has covered what the
-//! mark was read from, hands it to the [`Reclaimer`] thread, which deletes the payloads
-//! below it (and expires dedupe entries) beside the rounds instead of between them.
+//! it also runs the housekeeping step that must be ordered with a sync: every 200 ms it
+//! reads the low-water mark and, once a sync has covered what the mark was read from, hands
+//! it to the store's reclaimer thread (`store/reclaim.rs`), which deletes the payloads below
+//! it (and expires dedupe entries) beside the rounds instead of between them.
 //!
 //! **Cancellation safety**: [`CommitHandle::accept`] hands the request to the thread before
 //! its first await. If the caller's future is dropped (the client went away), the round

@@ -18,7 +18,7 @@
 //!   synced batch. Offline only.
 //! - **Purge** ([`Store::purge`]) marks live entries finished (like a delivery) or deletes
 //!   dead letters; it never deletes a message record. Payloads are reclaimed by the usual
-//!   low-water mark: by the committer's housekeeping on a running manager, or by
+//!   low-water mark: by the reclaimer thread on a running manager (`store/reclaim.rs`), or by
 //!   [`Store::reclaim_payloads`] offline. A node's live queue is owned by its worker while a
 //!   manager runs: purge it only with that worker paused.
 //! - **Verify** ([`Store::verify`]) reads every record; with `repair`, it moves undecodable
