@@ -32,8 +32,10 @@ const STEP: usize = 32;
 /// time until the next mark instead of deleting a mark's worth in one burst. Caps
 /// reclamation at 20,000 records a second, above what commit rounds write here: a round
 /// writes one record per 16 KiB pack (and per 64 KiB chunk of a larger message), and
-/// rounds are bounded by the fsync rate (about 4,500 a second on this machine). Batched half-load ack p99 at 30,737
-/// msgs/s, 8 A/B runs: 11.8 ms unpaced (steps of 256), 9.7 ms paced (BENCHMARKS.md).
+/// rounds are bounded by the fsync rate (about 4,500 a second on this machine). Batched
+/// half-load ack p99 at 30,737 msgs/s, 8 A/B runs: 11.8 ms unpaced (steps of 256), 9.7 ms
+/// paced (BENCHMARKS.md). Dedupe expiry is not paced: it removes one record per commit
+/// round, whatever the round's size, and must keep up with the rounds.
 const PACE_PER_RECORD: Duration = Duration::from_micros(50);
 /// How often expired dedupe entries are looked for, once none are left over.
 const EXPIRE_EVERY: Duration = Duration::from_millis(200);
