@@ -29,6 +29,17 @@ async fn commit_batch(commit: &CommitHandle, items: impl IntoIterator<Item = (St
     }
 }
 
+/// Commits `n` messages `{prefix}{i}` in one round, each over a pack's 16 KiB, so each is a
+/// message record of its own.
+async fn commit_one_record_each(commit: &CommitHandle, prefix: &str, n: usize) {
+    let big = vec![3; record::PACK_BYTES + 1];
+    commit_batch(
+        commit,
+        (0..n).map(|i| (format!("{prefix}{i}"), big.clone())),
+    )
+    .await;
+}
+
 fn opts() -> CommitOptions {
     CommitOptions {
         durability: Durability::Fsync,
@@ -196,9 +207,7 @@ async fn payload_is_kept_until_every_node_is_done() {
 async fn delivered_payloads_are_reclaimed_while_accepts_keep_coming() {
     let dir = tempfile::tempdir().unwrap();
     let (store, commit, _) = setup(dir.path(), &["a"]);
-    // Over a pack's 16 KiB: each message is a record of its own.
-    let big = vec![3; record::PACK_BYTES + 1];
-    commit_batch(&commit, (0..600).map(|i| (format!("old{i}"), big.clone()))).await;
+    commit_one_record_each(&commit, "old", 600).await;
     finish_all(&store, "a");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut newer = 0;
@@ -232,8 +241,7 @@ async fn delivered_payloads_are_reclaimed_while_accepts_keep_coming() {
 async fn the_reclaimer_deletes_below_its_mark_and_no_further() {
     let dir = tempfile::tempdir().unwrap();
     let (store, commit, _) = setup(dir.path(), &["a"]);
-    let big = vec![4; record::PACK_BYTES + 1];
-    commit_batch(&commit, (0..600).map(|i| (format!("m{i}"), big.clone()))).await;
+    commit_one_record_each(&commit, "m", 600).await;
     // The committer (and its reclaimer) stop before anything is delivered: only the
     // reclaimer below may delete.
     commit.stop().await.unwrap();
@@ -248,7 +256,7 @@ async fn the_reclaimer_deletes_below_its_mark_and_no_further() {
             std::time::Instant::now() < deadline,
             "the reclaimer did not reach its mark in 20 s"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     reclaimer.stop();
     assert_eq!(store.message_count(), 300);
