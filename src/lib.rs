@@ -31,6 +31,7 @@
 pub mod admin_client;
 pub mod api;
 pub mod auth;
+pub mod channel;
 pub mod client;
 pub mod config;
 pub mod demo;

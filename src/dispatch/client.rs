@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
+
+use crate::channel::{Channel, EndOnLastFrame};
 
 use crate::proto::push_server_client::PushServerClient;
 use crate::proto::{BroadCastBatchReq, BroadCastReq};
@@ -74,7 +76,7 @@ impl NodeClient {
             })?;
         }
         Ok(NodeClient {
-            inner: PushServerClient::new(endpoint.connect_lazy()),
+            inner: PushServerClient::new(EndOnLastFrame::new(endpoint.connect_lazy())),
             timeout,
         })
     }
