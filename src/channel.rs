@@ -10,7 +10,8 @@
 //! 1.18 after.
 //!
 //! [`EndOnLastFrame`] wraps a tonic channel and gives every request such a body
-//! ([`LookAhead`]). Nothing about the wire contract changes: the same frames and bytes, one
+//! ([`LookAhead`]); the manager's calls to nodes ([`crate::dispatch::client`]) and the
+//! client library's calls to managers ([`crate::client`]) both go through it. Nothing about the wire contract changes: the same frames and bytes, one
 //! frame fewer per call.
 
 use std::pin::Pin;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::discovery::{resolve_managers, DiscoveryError, EtcdSettings, ManagerEndpoint};
 use crate::proto::push_server_client::PushServerClient;
@@ -185,7 +185,7 @@ impl Interceptor for BearerToken {
 }
 
 /// A channel to a manager that sends the client's token on every call.
-pub type ManagerChannel = InterceptedService<Channel, BearerToken>;
+pub type ManagerChannel = InterceptedService<crate::channel::Channel, BearerToken>;
 
 /// A channel to a manager at `addr` (`host:port`), connected (over TLS when `auth` says
 /// so), each call bounded by `timeout`; the error is the reason it failed.
@@ -208,7 +208,10 @@ pub async fn channel(
         .connect()
         .await
         .map_err(|e| crate::discovery::error_chain(&e))?;
-    Ok(InterceptedService::new(channel, auth.token.clone()))
+    Ok(InterceptedService::new(
+        crate::channel::EndOnLastFrame::new(channel),
+        auth.token.clone(),
+    ))
 }
 
 /// Connects to a manager at `addr` (`host:port`) in plaintext without a token, failing
