@@ -11,8 +11,8 @@
 //!
 //! [`EndOnLastFrame`] wraps a tonic channel and gives every request such a body
 //! ([`LookAhead`]); the manager's calls to nodes ([`crate::dispatch::client`]) and the
-//! client library's calls to managers ([`crate::client`]) both go through it. Nothing about the wire contract changes: the same frames and bytes, one
-//! frame fewer per call.
+//! client library's calls to managers ([`crate::client`]) both go through it. Nothing about
+//! the wire contract changes: the same messages and bytes, one frame fewer per call.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -133,38 +133,36 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    /// A body of the given frames, then an end; it never says it has ended before it has.
-    fn stream_of(frames: &[&'static [u8]]) -> tonic::body::Body {
-        let items: Vec<Result<Frame<Bytes>, tonic::Status>> = frames
-            .iter()
-            .map(|f| Ok(Frame::data(Bytes::from_static(f))))
-            .collect();
+    /// A body yielding `items`, then an end; it never says it has ended before it has.
+    fn body_of(items: Vec<Result<Frame<Bytes>, tonic::Status>>) -> tonic::body::Body {
         tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(
             items,
         )))
     }
 
+    fn data(bytes: &'static [u8]) -> Result<Frame<Bytes>, tonic::Status> {
+        Ok(Frame::data(Bytes::from_static(bytes)))
+    }
+
+    /// The next frame's data, if the next frame is data.
+    async fn next_data(body: &mut LookAhead) -> Option<Bytes> {
+        body.frame()
+            .await
+            .and_then(Result::ok)
+            .and_then(|f| f.into_data().ok())
+    }
+
     #[tokio::test]
     async fn the_last_frame_says_the_body_has_ended() {
         // Without it: after its last frame, the body does not know it has ended.
-        let mut plain = stream_of(&[b"one", b"two"]);
+        let mut plain = body_of(vec![data(b"one"), data(b"two")]);
         assert!(matches!(plain.frame().await, Some(Ok(_))));
         assert!(matches!(plain.frame().await, Some(Ok(_))));
         assert!(!plain.is_end_stream());
-        let mut body = LookAhead::new(stream_of(&[b"one", b"two"]));
-        let first = body
-            .frame()
-            .await
-            .and_then(Result::ok)
-            .and_then(|f| f.into_data().ok());
-        assert_eq!(first.as_deref(), Some(&b"one"[..]));
+        let mut body = LookAhead::new(body_of(vec![data(b"one"), data(b"two")]));
+        assert_eq!(next_data(&mut body).await.as_deref(), Some(&b"one"[..]));
         assert!(!body.is_end_stream(), "a frame is still ahead");
-        let second = body
-            .frame()
-            .await
-            .and_then(Result::ok)
-            .and_then(|f| f.into_data().ok());
-        assert_eq!(second.as_deref(), Some(&b"two"[..]));
+        assert_eq!(next_data(&mut body).await.as_deref(), Some(&b"two"[..]));
         assert!(
             body.is_end_stream(),
             "known to be the last one as it is yielded"
@@ -174,15 +172,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_ahead_comes_after_the_frame_before_it() {
-        let items: Vec<Result<Frame<Bytes>, tonic::Status>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"one"))),
-            Err(tonic::Status::internal("broken")),
-        ];
-        let inner = tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(
-            items,
-        )));
+        let inner = body_of(vec![data(b"one"), Err(tonic::Status::internal("broken"))]);
         let mut body = LookAhead::new(inner);
-        assert!(matches!(body.frame().await, Some(Ok(_))));
+        assert_eq!(next_data(&mut body).await.as_deref(), Some(&b"one"[..]));
         assert!(!body.is_end_stream(), "the error is still to come");
         match body.frame().await {
             Some(Err(status)) => assert_eq!(status.message(), "broken"),

@@ -5,7 +5,6 @@ use std::time::Duration;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::channel::{Channel, EndOnLastFrame};
-
 use crate::proto::push_server_client::PushServerClient;
 use crate::proto::{BroadCastBatchReq, BroadCastReq};
 
