@@ -102,8 +102,8 @@ impl Drop for Reclaimer {
     }
 }
 
-/// The thread: deletes below the latest mark in paced steps until caught up, and expires dedupe
-/// entries every [`EXPIRE_EVERY`] (at once again while a step finds more), until the
+/// The thread: deletes below the latest mark in paced steps until caught up, and expires
+/// dedupe entries every [`EXPIRE_EVERY`] (at once again while a step finds more), until the
 /// committer's handle is gone.
 fn run(store: &Store, marks: &mpsc::Receiver<u64>, done: &AtomicU64, dedupe_window: Duration) {
     let mut target = 0;
