@@ -87,7 +87,8 @@ pub async fn run(work: &Path) -> Result<Vec<NodeReport>, DemoError> {
     let mut sims = Vec::new();
     for id in NODES {
         let record = work.join(format!("{id}.log"));
-        let (proc, port) = start_sim(id, 0, &record, &[])?;
+        // A port below the ephemeral range: the node is restarted on it after its outage.
+        let (proc, port) = start_sim(id, free_port()?, &record, &[])?;
         sims.push(Sim {
             port,
             record,

@@ -84,12 +84,44 @@ pub fn sibling(name: &str) -> Result<PathBuf, HarnessError> {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A loopback port that is free now and that the kernel does not hand out by itself.
+///
+/// A port from `bind(127.0.0.1:0)` lies in the kernel's ephemeral range, the range the local
+/// ends of outgoing connections come from too: between picking it and a child process binding
+/// it, any connection on the machine may take it (CI saw a manager fail to listen with
+/// EADDRINUSE that way, and push-bench a returning node). So the port is picked below that
+/// range, where only a process asking for a port by number can take it. Each process walks
+/// the range from a random start and never hands out the same port twice, so that concurrent
+/// tests neither race each other nor take a port a restarted child expects to bind again.
 pub fn free_port() -> Result<u16, HarnessError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| HarnessError(format!("no free port on 127.0.0.1: {e}")))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    /// How many ports this process has handed out (or skipped as busy) so far.
+    static WALKED: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+    let first_ephemeral = first_ephemeral_port();
+    let low = 10_000u16.min(first_ephemeral / 2);
+    let span = u32::from(first_ephemeral.saturating_sub(low).max(1));
+    let start = *START.get_or_init(|| rand::random::<u32>() % span);
+    for _ in 0..span {
+        let step = WALKED.fetch_add(1, Ordering::Relaxed);
+        let offset = u16::try_from((start + step) % span).unwrap_or(0);
+        let port = low + offset;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(HarnessError(format!(
+        "no free port on 127.0.0.1 below the ephemeral range (first ephemeral port {first_ephemeral})"
+    )))
+}
+
+/// The lowest port of the kernel's ephemeral range (Linux's default when it cannot be read).
+fn first_ephemeral_port() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 /// Starts `connect-node-sim` on `port` (0 = any) recording to `record`; returns the process
@@ -517,5 +549,26 @@ impl EtcdProcess {
              log:\n{}",
             self.log_tail(40)
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let first_ephemeral = first_ephemeral_port();
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "a port was handed out twice: {ports:?}"
+        );
+        assert!(
+            ports.iter().all(|&port| port < first_ephemeral),
+            "every port is below {first_ephemeral}: {ports:?}"
+        );
     }
 }

@@ -529,7 +529,8 @@ async fn execute(plan: &Plan, args: &Args, work: &Path) -> Result<Report> {
         nodes.push(tokio::sync::Mutex::new(NodeState {
             id,
             record,
-            port: 0,
+            // Static mode restarts the node on this port: one the kernel does not hand out.
+            port: free_port()?,
             proc: None,
             stopped: Vec::new(),
         }));

@@ -19,7 +19,7 @@ pub mod metrics;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -69,13 +69,11 @@ pub fn with_store<T>(data_dir: &Path, f: impl FnOnce(&Store) -> T) -> T {
     got
 }
 
-/// A port that was free a moment ago on 127.0.0.1. Another process may take it before it is
-/// used, so prefer port 0 where the server can report its address (sims do).
+/// A loopback port that is free now and that no other process takes by chance
+/// ([`push_manager::harness::free_port`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .unwrap_or_else(|e| panic!("expected to bind 127.0.0.1:0 to find a free port: {e}"))
+    push_manager::harness::free_port()
+        .unwrap_or_else(|e| panic!("expected a free port on 127.0.0.1: {e}"))
 }
 
 /// A deterministic payload of `size` bytes for message `i` (empty when `size` is 0): the text
@@ -171,9 +169,10 @@ pub struct Sim {
 }
 
 impl Sim {
-    /// Starts a sim on a port the OS picks, with `args` after the harness's own flags.
+    /// Starts a sim on a free port ([`free_port`], so that a restart finds it still free),
+    /// with `args` after the harness's own flags.
     pub fn start(node_id: &str, args: &[&str]) -> Sim {
-        Sim::start_on(node_id, 0, args)
+        Sim::start_on(node_id, free_port(), args)
     }
 
     /// Starts a sim on a fixed port, e.g. for a node that comes back at a known address.

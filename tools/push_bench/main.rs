@@ -404,7 +404,7 @@ impl Nodes {
             nodes.ports.push(if s.mode == Mode::Online {
                 0
             } else {
-                fixed_port(&nodes.ports)?
+                free_port()?
             });
         }
         Ok(nodes)
@@ -827,25 +827,4 @@ async fn measure_floors(s: &Settings, work: &Path) -> Result<Measured> {
         let _ = write!(std::io::stderr(), "\r\x1b[K");
     }
     Ok((per_message, packed, echo, echo_batch, s.floor_messages))
-}
-
-/// A free loopback port below the kernel's ephemeral range, for a node that must bind it
-/// later: a port from `free_port` is ephemeral, and while the node is offline the
-/// manager's and the other sims' outgoing connections may take it as their local port
-/// (seen with 100 offline nodes: a sim then failed to bind).
-fn fixed_port(taken: &[u16]) -> Result<u16> {
-    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let low = 10_000u16.min(first_ephemeral / 2);
-    let span = first_ephemeral.saturating_sub(low).max(1);
-    let start = rand::random::<u16>() % span;
-    for i in 0..span {
-        let port = low + (start + i) % span;
-        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port below the ephemeral range ({first_ephemeral})")
 }
