@@ -337,14 +337,13 @@ impl Sim {
                     self.node_id
                 ))
             });
-        if self.port != 0 && bound.port() != self.port {
+        if bound.port() != self.port {
             reap_killed(&mut child);
             self.fail(&format!(
                 "expected sim {} to listen on port {}, it said {bound}",
                 self.node_id, self.port
             ));
         }
-        self.port = bound.port();
         self.child = Some(child);
     }
 }
